@@ -1,0 +1,269 @@
+"""The one module that knows labels and data.
+
+Labels come from objects.json (the lab's order: index = 8 * shape + color). Condition files
+(test.json, new_test.json) are lists of label lists; spec files (train.json) map an image file
+name to its label list. The Dataset reads a flat folder of PNGs named as in the spec, squashes
+them to 64x64 and scales them to [-1, 1], exactly as the lab's loaders do, so the same code runs
+on the lab's real 320x240 i-CLEVR and on the project's synthetic set.
+
+Every bad input raises DataError with one line naming the file, the entry and what was expected;
+the scripts print it and exit with status 2.
+"""
+import difflib
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+ROOT = Path(__file__).resolve().parent
+OBJECTS_JSON = ROOT / "objects.json"
+TRAIN_JSON = ROOT / "train.json"
+TEST_JSONS = (ROOT / "test.json", ROOT / "new_test.json")
+DATA_ROOT = ROOT / "data" / "iclevr_syn"  # where the default synthetic set is rendered
+SYN_PREFIX = "SYN_train_"  # the project's own file names; the lab's are "CLEVR_train_..."
+IMAGE_SIZE = 64
+
+
+class DataError(ValueError):
+    """A one-line, user-facing error about an input file."""
+
+
+def _rel(path):
+    """Paths in messages: relative to the repository when inside it, else as given."""
+    path = Path(path)
+    try:
+        return str(path.resolve().relative_to(ROOT))
+    except ValueError:
+        return str(path)
+
+
+def load_json(path):
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{_rel(path)}: file not found")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{_rel(path)}: malformed JSON ({e})") from None
+
+
+def load_objects(path=OBJECTS_JSON):
+    """objects.json -> {name: index}; must be a bijection onto 0..N-1."""
+    objects = load_json(path)
+    if not isinstance(objects, dict) or not objects:
+        raise DataError(f"{_rel(path)}: expected a JSON object {{label name: index}}")
+    if sorted(objects.values()) != list(range(len(objects))):
+        raise DataError(f"{_rel(path)}: indices must be 0..{len(objects) - 1}, each once")
+    return objects
+
+
+OBJECTS = load_objects()
+LABELS = sorted(OBJECTS, key=OBJECTS.get)  # index -> "color shape"
+NUM_CLASSES = len(LABELS)
+# Colors and shapes in index order (index = 8 * shape + color), derived from the names.
+COLORS = [name.split()[0] for name in LABELS[:8]]
+SHAPES = [LABELS[8 * s].split()[1] for s in range(NUM_CLASSES // 8)]
+
+
+def check_labels(labels, where):
+    """Validate one condition: a non-empty list of distinct known label names."""
+    if not isinstance(labels, list) or not labels:
+        raise DataError(f"{where}: expected a non-empty list of label names, got {labels!r}")
+    seen = set()
+    for name in labels:
+        if name not in OBJECTS:
+            near = difflib.get_close_matches(str(name), LABELS, n=3, cutoff=0.5)
+            hint = f"; closest: {', '.join(near)}" if near else ""
+            raise DataError(f"{where}: unknown label {name!r} (expected one of the {NUM_CLASSES} "
+                            f"names in objects.json{hint})")
+        if name in seen:
+            raise DataError(f"{where}: duplicate label {name!r} (each object class at most once)")
+        seen.add(name)
+    return labels
+
+
+def encode(labels, where="labels"):
+    """List of label names -> float multi-hot vector of length NUM_CLASSES."""
+    vec = torch.zeros(NUM_CLASSES)
+    vec[[OBJECTS[n] for n in check_labels(labels, where)]] = 1.0
+    return vec
+
+
+def encode_batch(conditions, where="conditions"):
+    """List of label lists -> (N, NUM_CLASSES) float multi-hot tensor."""
+    if not conditions:
+        return torch.zeros(0, NUM_CLASSES)
+    return torch.stack([encode(c, f"{where}[{i}]") for i, c in enumerate(conditions)])
+
+
+def decode(vec, threshold=0.5):
+    """Multi-hot vector (or list of indices) -> list of label names in index order."""
+    if isinstance(vec, torch.Tensor) and vec.dtype.is_floating_point:
+        idx = (vec > threshold).nonzero().flatten().tolist()
+    else:
+        idx = sorted(int(i) for i in vec)
+    return [LABELS[i] for i in idx]
+
+
+def parse_labels(text):
+    """'red sphere, cyan cube' -> ['red sphere', 'cyan cube'] (validated)."""
+    return check_labels([t.strip() for t in text.split(",") if t.strip()], "--labels")
+
+
+def load_conditions(path):
+    """A condition file (test.json, new_test.json): a JSON list of label lists."""
+    conds = load_json(path)
+    if not isinstance(conds, list) or not conds:
+        raise DataError(f"{_rel(path)}: expected a non-empty JSON list of label lists")
+    for i, c in enumerate(conds):
+        check_labels(c, f"{_rel(path)}[{i}]")
+    return conds
+
+
+def load_spec(path):
+    """A spec file (train.json): {image file name: label list}, in file order."""
+    spec = load_json(path)
+    if not isinstance(spec, dict) or not spec:
+        raise DataError(f"{_rel(path)}: expected a non-empty JSON object "
+                        "{image file name: [label names]}")
+    for name, labels in spec.items():
+        if not name.lower().endswith(".png"):
+            raise DataError(f"{_rel(path)}[{name!r}]: expected a .png file name")
+        check_labels(labels, f"{_rel(path)}[{name!r}]")
+    return spec
+
+
+_SYN_NAME = re.compile(r"^SYN_[A-Za-z0-9]+_\d+_\d+\.png$")
+
+
+def is_synthetic_name(name):
+    """The project's own rendered names look like SYN_<split>_<scene>_<step>.png."""
+    return bool(_SYN_NAME.match(name))
+
+
+def missing_images(root, names):
+    root = Path(root)
+    return [n for n in names if not (root / n).is_file()]
+
+
+def ensure_images(root, spec, spec_path, device="auto"):
+    """Make sure every image of a spec exists under root.
+
+    Missing synthetic images (the project's own names) are rendered; missing real ones (the
+    lab's names) are only reported, since nothing can be downloaded.
+    """
+    missing = missing_images(root, list(spec))
+    if not missing:
+        return
+    if all(is_synthetic_name(n) for n in missing):
+        import render  # imported here: users of the lab's data never need the renderer
+
+        print(f"rendering {len(missing)} missing images of {_rel(spec_path)} into {_rel(root)}")
+        render.render_spec({n: spec[n] for n in missing}, root, device=device)
+        return
+    first = ", ".join(missing[:3])
+    raise DataError(f"{_rel(spec_path)}: {len(missing)} of {len(spec)} images are missing "
+                    f"under {_rel(root)} (first: {first})")
+
+
+def load_image(path, size=IMAGE_SIZE):
+    """PNG -> uint8 tensor (3, size, size), squash-resized like the lab's Resize((64, 64))."""
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            if im.size != (size, size):
+                im = im.resize((size, size), Image.BILINEAR)
+            arr = np.asarray(im, dtype=np.uint8).copy()
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        raise DataError(f"{_rel(path)}: unreadable image ({e})") from None
+    return torch.from_numpy(arr).permute(2, 0, 1)
+
+
+def to_float(images):
+    """uint8 [0, 255] -> float [-1, 1] (the lab's Normalize((0.5,)*3, (0.5,)*3))."""
+    return images.float().div(127.5).sub(1.0)
+
+
+def to_uint8(images):
+    """float [-1, 1] -> uint8 [0, 255]."""
+    return images.add(1.0).mul(127.5).round().clamp(0, 255).to(torch.uint8)
+
+
+class ICLEVRDataset(Dataset):
+    """Images of a spec file under root, as (image in [-1, 1] (3, 64, 64), multi-hot (24,)).
+
+    in_memory=True decodes every image once into one uint8 tensor (18,009 images: 221 MB), so
+    epochs cost no decoding and the whole set can be moved to the GPU (see .images).
+    """
+
+    def __init__(self, root=DATA_ROOT, spec_path=TRAIN_JSON, in_memory=False, size=IMAGE_SIZE,
+                 render_missing=True, device="auto"):
+        self.root, self.spec_path, self.size = Path(root), Path(spec_path), size
+        spec = load_spec(self.spec_path)
+        if render_missing:
+            ensure_images(self.root, spec, self.spec_path, device=device)
+        else:
+            missing = missing_images(self.root, list(spec))
+            if missing:
+                raise DataError(f"{_rel(self.spec_path)}: {len(missing)} of {len(spec)} images are "
+                                f"missing under {_rel(self.root)} (first: {', '.join(missing[:3])})")
+        self.names = list(spec)
+        self.labels = encode_batch([spec[n] for n in self.names], _rel(self.spec_path))
+        self.images = None
+        if in_memory:
+            self.images = torch.empty(len(self.names), 3, size, size, dtype=torch.uint8)
+            for i, n in enumerate(tqdm(self.names, desc="decoding images", unit="img",
+                                       leave=False, mininterval=1.0)):
+                self.images[i] = load_image(self.root / n, size)
+
+    def __len__(self):
+        return len(self.names)
+
+    def __getitem__(self, i):
+        img = self.images[i] if self.images is not None else load_image(self.root / self.names[i],
+                                                                         self.size)
+        return to_float(img), self.labels[i]
+
+
+def get_dataloader(root=DATA_ROOT, spec_path=TRAIN_JSON, batch_size=64, shuffle=True,
+                   num_workers=0, in_memory=False, drop_last=True, **kw):
+    ds = ICLEVRDataset(root, spec_path, in_memory=in_memory, **kw)
+    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers,
+                      drop_last=drop_last, pin_memory=torch.cuda.is_available(),
+                      persistent_workers=num_workers > 0)
+
+
+def resolve_device(device="auto"):
+    """'auto' -> cuda if available, else mps, else cpu; anything else is passed to torch."""
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    return torch.device(device)
+
+
+def device_tag(device):
+    """Short device name for results file names: 'NVIDIA H100 80GB HBM3' -> 'h100'; 'cpu'."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return device.type
+    m = re.search(r"[A-Za-z]*\d+", torch.cuda.get_device_name(device).replace("NVIDIA", ""))
+    return m[0].lower() if m else "cuda"
+
+
+def run_cli(main):
+    """Run a script's main(); a DataError becomes one line on stderr and exit status 2."""
+    import sys
+
+    try:
+        return main()
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,145 @@
+"""Score generated images with the judge: accuracy by the lab's rule, next to a Frechet distance.
+
+Image i of a condition file is <images>/<file stem>/<i>.png (the lab's layout: images/test/0.png
+for test.json[0]). The Frechet distance compares the judge's penultimate features of the images
+with those of renders of the same conditions (16 fixed-seed scenes each), so numbers are
+comparable across runs that score the same condition files.
+
+    python evaluate.py                                    # images/test and images/new_test
+    python evaluate.py --checkpoint checkpoint.pth --per-image --json results/eval.json
+"""
+import argparse
+import json
+import re
+import sys
+from collections import Counter
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from dataloader import (IMAGE_SIZE, ROOT, TEST_JSONS, DataError, _rel, encode_batch,
+                        load_conditions, load_image, run_cli)
+from evaluator import evaluation_model, frechet_distance, per_image
+
+FD_RENDERS, FD_SEED = 16, 0
+_REFERENCES = {}  # rendered reference images, reused across calls (speedrun scores repeatedly)
+
+
+def warn(msg):
+    print(f"warning: {msg}", file=sys.stderr)
+
+
+def load_folder(folder, n):
+    """<folder>/0.png .. <folder>/<n-1>.png -> uint8 (n, 3, 64, 64); other sizes are resized."""
+    folder = Path(folder)
+    expected = f"expected 0.png .. {n - 1}.png, one per condition, as sample.py writes them"
+    if not folder.is_dir():
+        raise DataError(f"{_rel(folder)}: folder not found ({expected})")
+    paths = [folder / f"{i}.png" for i in range(n)]
+    missing = [p.name for p in paths if not p.is_file()]
+    if len(missing) == n:
+        raise DataError(f"{_rel(folder)}: no images ({expected})")
+    if missing:
+        raise DataError(f"{_rel(folder)}: {len(missing)} of {n} images are missing (first: "
+                        f"{', '.join(missing[:3])})")
+    extra = [p.name for p in folder.glob("*.png")
+             if re.fullmatch(r"\d+\.png", p.name) and int(p.stem) >= n]
+    if extra:
+        warn(f"{_rel(folder)}: ignoring {len(extra)} images beyond the {n} conditions "
+             f"(first: {', '.join(sorted(extra)[:3])})")
+    images, resized = [], []
+    for p in paths:
+        image = load_image(p)  # raises DataError for unreadable files; squash-resizes
+        with Image.open(p) as im:
+            if im.size != (IMAGE_SIZE, IMAGE_SIZE):
+                resized.append(f"{p.name} {im.size[0]}x{im.size[1]}")
+        images.append(image)
+    if resized:
+        warn(f"{_rel(folder)}: {len(resized)} images are not {IMAGE_SIZE}x{IMAGE_SIZE}, "
+             f"squash-resized like the lab's loader (first: {', '.join(resized[:3])})")
+    return torch.stack(images)
+
+
+def reference_renders(conditions, per_condition=FD_RENDERS, seed=FD_SEED, device="auto"):
+    """per_condition renders of every condition (fixed seed), cached for the process."""
+    key = (json.dumps(conditions), per_condition, seed, str(device))
+    if key not in _REFERENCES:
+        import render  # only the Frechet distance needs the renderer
+
+        # render.py seeds each scene by (seed, name): naming a scene after its condition makes
+        # the references of a condition the same whichever file or position it comes from;
+        # a condition listed again (several seeds' images at once) gets further scenes
+        items, seen = [], Counter()
+        for c in conditions:
+            first = seen[tuple(c)] * per_condition
+            seen[tuple(c)] += 1
+            items += [(f"reference {', '.join(c)} #{first + r}", c) for r in range(per_condition)]
+        _REFERENCES[key] = render.render_tensor(items, seed=seed, device=str(device))
+    return _REFERENCES[key]
+
+
+def fd_against_renders(judge, images, conditions, per_condition=FD_RENDERS, seed=FD_SEED):
+    """Frechet distance between the judge's features of images and of renders of conditions."""
+    refs = reference_renders(conditions, per_condition, seed, judge.device)
+    return frechet_distance(judge.features(images), judge.features(refs))
+
+
+def score_folder(judge, folder, conditions_path, fd=False, fd_renders=FD_RENDERS):
+    """Score <folder>/<i>.png against condition i of conditions_path -> JSON-ready dict
+    (accuracy, correct, total, per_image and, with fd=True, fd)."""
+    conditions = load_conditions(conditions_path)
+    images = load_folder(folder, len(conditions))
+    rows = per_image(judge.scores(images), encode_batch(conditions, _rel(conditions_path)))
+    correct, total = sum(r["correct"] for r in rows), sum(r["total"] for r in rows)
+    result = {"conditions": _rel(conditions_path), "folder": _rel(folder),
+              "accuracy": correct / total, "correct": correct, "total": total}
+    if fd:
+        result["fd"] = fd_against_renders(judge, images, conditions, fd_renders)
+    return {**result, "per_image": rows}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--images", default=str(ROOT / "images"),
+                   help="folder holding one subfolder per condition file (test/, new_test/)")
+    p.add_argument("--conditions", nargs="+", default=[str(c) for c in TEST_JSONS],
+                   help="condition files; images of X.json are read from <images>/X/")
+    p.add_argument("--checkpoint", default=None,
+                   help="the lab's checkpoint.pth, a .safetensors file or a folder of shards "
+                        "(default: the project's weights/judge)")
+    p.add_argument("--per-image", action="store_true", help="print each image's missing/extra")
+    p.add_argument("--json", default=None, help="write the metrics here")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--fd", action=argparse.BooleanOptionalAction, default=True,
+                   help="Frechet distance to renders of the same conditions")
+    p.add_argument("--fd-renders", type=int, default=FD_RENDERS,
+                   help="reference renders per condition (keep the default to compare runs)")
+    args = p.parse_args(argv)
+    if args.fd_renders < 1:
+        raise DataError("--fd-renders: expected a positive integer")
+
+    judge = evaluation_model(args.checkpoint, args.device)
+    files = {}
+    for cond in map(Path, args.conditions):
+        res = score_folder(judge, Path(args.images) / cond.stem, cond, args.fd, args.fd_renders)
+        fd = f"  fd {res['fd']:.2f}" if "fd" in res else ""
+        print(f"{cond.name}: accuracy {res['accuracy']:.4f} ({res['correct']}/{res['total']}){fd}")
+        if args.per_image:
+            for i, r in enumerate(res["per_image"]):
+                wrong = "".join(f" | {what} {', '.join(r[what])}" for what in ("missing", "extra")
+                                if r[what])
+                print(f"  {i:3d}: {r['correct']}/{r['total']} {', '.join(r['labels'])}{wrong}")
+        files[cond.name] = res
+    if args.json:
+        out = Path(args.json)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(out.name + ".tmp")
+        report = {"checkpoint": _rel(judge.checkpoint), "device": str(judge.device),
+                  "files": files}
+        tmp.write_text(json.dumps(report, indent=1) + "\n")
+        tmp.replace(out)
+
+
+if __name__ == "__main__":
+    run_cli(main)

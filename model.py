@@ -1,0 +1,248 @@
+"""The conditional denoiser: one diffusers UNet2DModel plus the label projection, as one model.
+
+ConditionalUNet(x, t, y) predicts the noise (or v) of x (B, 3, 64, 64) in [-1, 1]-space at
+timesteps t (B,) given multi-hot labels y (B, 24); y = all zeros is the "no condition" input that
+classifier-free guidance trains and samples with. Two ways to feed y:
+  embed  (default) Linear -> SiLU -> Linear to the time-embedding size, added to the time
+         embedding (class_embed_type="identity") and applied through AdaGN ("scale_shift").
+  concat the seed report's method: Linear(24, 64*64) as one extra input channel.
+The whole model, label projection included, round-trips through save_pretrained/from_pretrained.
+
+Checkpoint layout (written by train.py, read by sample.py):
+  runs/NAME/checkpoint-STEP/{model,ema}/  config.json + safetensors (raw and EMA weights)
+  runs/NAME/checkpoint-STEP/scheduler/    scheduler_config.json (the training noise schedule)
+  weights folder (export_fp16):           config.json + fp16 shards + scheduler_config.json
+
+`python model.py` prints the presets' sizes.
+"""
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import ConfigMixin, DDPMScheduler, ModelMixin, UNet2DModel
+from diffusers.configuration_utils import FrozenDict, register_to_config
+from diffusers.utils import logging as diffusers_logging
+from torch import nn
+
+from dataloader import IMAGE_SIZE, NUM_CLASSES, ROOT, DataError, _rel
+
+RUNS_DIR = ROOT / "runs"  # train.py writes runs/NAME/checkpoint-STEP/
+WEIGHTS_DIR = ROOT / "weights" / "ddpm"  # shipped fp16 weights (export_fp16)
+MODEL_DIR, EMA_DIR, SCHEDULER_DIR = "model", "ema", "scheduler"
+SHARD_SIZE = "15MB"  # 15e6 bytes < 15 MiB: shipped shards stay small enough to commit
+
+_D, _AD, _U, _AU = "DownBlock2D", "AttnDownBlock2D", "UpBlock2D", "AttnUpBlock2D"
+PRESETS = {
+    # The seed report's six-level UNet on 64x64 pixels with a label-map channel: 113.67M in
+    # the UNet + 0.10M label map = 113.78M (the report's 113.7M).
+    "seed": dict(conditioning="concat", pixel_shuffle=1,
+                 block_out_channels=(128, 128, 256, 256, 512, 512),
+                 down_block_types=(_D, _D, _D, _D, _AD, _D),
+                 up_block_types=(_U, _AU, _U, _U, _U, _U),
+                 layers_per_block=2, attention_head_dim=8,
+                 resnet_time_scale_shift="default"),
+    # 2x2 space-to-depth (objects are 4-9 px wide, so 32x32 tokens still resolve them) with
+    # attention at 16x16 and 8x8: 15.0M params, 7.7 GFLOP/img, small enough to sample on a CPU.
+    "default": dict(conditioning="embed", pixel_shuffle=2, block_out_channels=(128, 160, 192),
+                    down_block_types=(_D, _AD, _AD), up_block_types=(_AU, _AU, _U),
+                    layers_per_block=2, attention_head_dim=32, time_embedding_dim=256),
+    # For CPU tests and demos (0.8M params, 0.5 GFLOP/img). Not 4x4 space-to-depth: conv_in
+    # must not have fewer channels than its 3*s*s inputs, or the model cannot pass the
+    # per-pixel noise through and never denoises fine detail.
+    "tiny": dict(conditioning="embed", pixel_shuffle=2, block_out_channels=(32, 64),
+                 down_block_types=(_D, _AD), up_block_types=(_AU, _U), layers_per_block=1,
+                 attention_head_dim=32, norm_num_groups=8, time_embedding_dim=128),
+}
+
+
+class ConditionalUNet(ModelMixin, ConfigMixin):
+    @register_to_config
+    def __init__(self, conditioning="embed", num_classes=NUM_CLASSES, image_size=IMAGE_SIZE,
+                 pixel_shuffle=1, block_out_channels=(128, 256, 256),
+                 down_block_types=(_D, _AD, _AD), up_block_types=(_AU, _AU, _U),
+                 layers_per_block=2, attention_head_dim=32, norm_num_groups=32,
+                 time_embedding_dim=None, resnet_time_scale_shift="scale_shift", dropout=0.0):
+        super().__init__()
+        if conditioning not in ("embed", "concat"):
+            raise ValueError(f"conditioning must be 'embed' or 'concat', got {conditioning!r}")
+        if image_size % pixel_shuffle:
+            raise ValueError(f"image_size {image_size} is not divisible by pixel_shuffle")
+        s2 = pixel_shuffle ** 2
+        temb = time_embedding_dim or 4 * block_out_channels[0]
+        embed = conditioning == "embed"
+        self.unet = UNet2DModel(
+            sample_size=image_size // pixel_shuffle,
+            in_channels=(3 if embed else 4) * s2, out_channels=3 * s2,
+            block_out_channels=tuple(block_out_channels),
+            down_block_types=tuple(down_block_types), up_block_types=tuple(up_block_types),
+            layers_per_block=layers_per_block, attention_head_dim=attention_head_dim,
+            norm_num_groups=norm_num_groups, time_embedding_dim=temb, dropout=dropout,
+            resnet_time_scale_shift=resnet_time_scale_shift,
+            class_embed_type="identity" if embed else None)
+        if embed:
+            self.label_proj = nn.Sequential(nn.Linear(num_classes, temb), nn.SiLU(),
+                                            nn.Linear(temb, temb))
+        else:
+            self.label_proj = nn.Linear(num_classes, image_size * image_size)
+
+    def forward(self, x, t, y):
+        cfg = self.config
+        y = y.to(self.label_proj_dtype)
+        class_labels = None
+        if cfg.conditioning == "embed":
+            class_labels = self.label_proj(y)
+        else:
+            label_map = self.label_proj(y).view(-1, 1, cfg.image_size, cfg.image_size)
+            x = torch.cat([x, label_map.to(x.dtype)], dim=1)
+        if cfg.pixel_shuffle > 1:
+            x = F.pixel_unshuffle(x, cfg.pixel_shuffle)
+        out = self.unet(x, t, class_labels=class_labels, return_dict=False)[0]
+        if cfg.pixel_shuffle > 1:
+            out = F.pixel_shuffle(out, cfg.pixel_shuffle)
+        return out
+
+    @property
+    def label_proj_dtype(self):
+        return next(self.label_proj.parameters()).dtype
+
+
+def build_model(preset="default", **overrides):
+    if preset not in PRESETS:
+        raise DataError(f"--preset: unknown preset {preset!r} (expected one of "
+                        f"{', '.join(PRESETS)})")
+    return ConditionalUNet(**{**PRESETS[preset], **overrides})
+
+
+def make_noise_scheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2",
+                         prediction_type="epsilon"):
+    """The training noise schedule; its config is saved with every checkpoint."""
+    return DDPMScheduler(num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule,
+                         prediction_type=prediction_type)
+
+
+def count_params(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+@torch.no_grad()
+def flops_per_image(model):
+    """Forward FLOPs of one image (2 per multiply-add), counted by torch's FlopCounterMode."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    p = next(model.parameters())
+    size = model.config.image_size
+    x = torch.zeros(1, 3, size, size, device=p.device, dtype=p.dtype)
+    t = torch.zeros(1, dtype=torch.long, device=p.device)
+    y = torch.zeros(1, model.config.num_classes, device=p.device, dtype=p.dtype)
+    with FlopCounterMode(display=False) as counter:
+        model(x, t, y)
+    return counter.get_total_flops()
+
+
+def derive_seed(*ints):
+    """A well-mixed 32-bit seed from integers, e.g. (seed, image index) or (seed, rank)."""
+    return int(np.random.SeedSequence([int(i) for i in ints]).generate_state(1)[0])
+
+
+# ---------------------------------------------------------------- checkpoint folders
+
+_CKPT = re.compile(r"^checkpoint-(\d+)$")
+
+
+def list_checkpoints(run_dir):
+    """Complete checkpoint-STEP folders of a run, oldest first."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in run_dir.iterdir()
+             if p.is_dir() and (m := _CKPT.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def is_weights_dir(path):
+    """A save_pretrained folder (not a run folder, whose config.json is the training config)."""
+    path = Path(path)
+    return (path / "config.json").is_file() and any(path.glob("*.safetensors"))
+
+
+def resolve_checkpoint(path):
+    """A checkpoint-STEP folder, a weights folder, or a run folder (-> its latest checkpoint)."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{_rel(path)}: checkpoint not found")
+    if (path / EMA_DIR).is_dir() or is_weights_dir(path):
+        return path
+    ckpts = list_checkpoints(path)
+    if ckpts:
+        return ckpts[-1]
+    raise DataError(f"{_rel(path)}: not a checkpoint (expected config.json, {EMA_DIR}/ and "
+                    f"{MODEL_DIR}/, or checkpoint-*/ folders)")
+
+
+def load_weights(path, dtype=torch.float32):
+    """A saved ConditionalUNet folder -> model (eval mode, fp32 by default, safetensors only)."""
+    path = Path(path)
+    if not is_weights_dir(path):
+        raise DataError(f"{_rel(path)}: not a model folder (expected config.json and "
+                        "*.safetensors)")
+    bar = diffusers_logging.is_progress_bar_enabled()
+    diffusers_logging.disable_progress_bar()  # no "Loading checkpoint shards" bar per load
+    try:
+        model = ConditionalUNet.from_pretrained(path, use_safetensors=True, torch_dtype=dtype)
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(f"{_rel(path)}: cannot load model ({first})") from None
+    finally:
+        if bar:
+            diffusers_logging.enable_progress_bar()
+    # from_pretrained records the source path in the config; drop it so a re-saved model
+    # (export, resumed training) does not carry a stale machine-specific path.
+    model._internal_dict = FrozenDict({k: v for k, v in model.config.items()
+                                       if k != "_name_or_path"})
+    return model.eval()
+
+
+def export_fp16(src_checkpoint_dir, dst_dir):
+    """EMA weights of a checkpoint (or run) -> dst_dir: fp16 safetensors shards of <= 15 MiB,
+    config.json and scheduler_config.json, loadable by sample.py --checkpoint dst_dir."""
+    src = resolve_checkpoint(src_checkpoint_dir)
+    if is_weights_dir(src):
+        weights, sched = src, src
+    else:
+        weights, sched = src / EMA_DIR, src / SCHEDULER_DIR
+    model = load_weights(weights).half()
+    scheduler_config = DDPMScheduler.load_config(sched)
+    dst = Path(dst_dir)
+    tmp = dst.with_name(f".tmp-{dst.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True, max_shard_size=SHARD_SIZE)
+    DDPMScheduler.from_config(scheduler_config).save_config(tmp)
+    old = dst.with_name(f".old-{dst.name}")
+    if dst.exists():  # swap in the new folder with two renames, never a half-written one
+        shutil.rmtree(old, ignore_errors=True)
+        dst.rename(old)
+    tmp.rename(dst)
+    shutil.rmtree(old, ignore_errors=True)
+    return dst
+
+
+def main():
+    import argparse
+
+    ap = argparse.ArgumentParser(description="Print the presets' parameter counts and FLOPs.")
+    ap.add_argument("--preset", nargs="*", default=list(PRESETS), help="presets to show")
+    args = ap.parse_args()
+    print(f"{'preset':8s} {'conditioning':12s} {'params':>10s} {'GFLOP/img':>10s}")
+    for name in args.preset:
+        m = build_model(name)
+        print(f"{name:8s} {m.config.conditioning:12s} {count_params(m) / 1e6:9.2f}M "
+              f"{flops_per_image(m) / 1e9:10.2f}")
+
+
+if __name__ == "__main__":
+    from dataloader import run_cli
+
+    run_cli(main)

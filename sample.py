@@ -1,0 +1,264 @@
+"""Sample the benchmark conditions (or ad-hoc labels) from a trained conditional UNet.
+
+    python sample.py                  # newest run's latest checkpoint, else weights/ddpm
+    python sample.py --checkpoint runs/demo --sampler dpm++ --steps 25 --guidance 2 --out images
+    python sample.py --labels "red sphere, cyan cube" --num-images 8
+
+Writes OUT/<file stem>/{i}.png in file order, OUT/<file stem>_grid.png (8 per row) per condition
+file, and OUT/denoise_process.png (x_t on top, the model's x0 estimate below) for
+["red sphere", "cyan cylinder", "cyan cube"]. Image i's initial and per-step noise come only from
+(seed, i), so an image does not depend on the batch size or on the other conditions.
+"""
+import argparse
+import contextlib
+import inspect
+import os
+from pathlib import Path
+
+# On a busy CPU, OpenMP threads that spin while they wait make sampling up to 50x slower;
+# sleeping waits cost next to nothing at these batch sizes. Only effective before torch loads.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler,  # noqa: E402
+                       UniPCMultistepScheduler)
+from diffusers.utils.torch_utils import randn_tensor  # noqa: E402
+from PIL import Image  # noqa: E402
+from torchvision.utils import make_grid  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from dataloader import (ROOT, TEST_JSONS, DataError, _rel, encode, encode_batch,  # noqa: E402
+                        load_conditions, parse_labels, resolve_device, run_cli, to_uint8)
+from model import (EMA_DIR, MODEL_DIR, RUNS_DIR, SCHEDULER_DIR, WEIGHTS_DIR,  # noqa: E402
+                   derive_seed, is_weights_dir, list_checkpoints, load_weights,
+                   resolve_checkpoint)
+
+SAMPLERS = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler, "dpm++": DPMSolverMultistepScheduler,
+            "unipc": UniPCMultistepScheduler}
+DEFAULT_STEPS = {"ddpm": 1000, "ddim": 25, "dpm++": 25, "unipc": 25}
+GUIDANCE = 2.0
+PROCESS_LABELS = ["red sphere", "cyan cylinder", "cyan cube"]
+PROCESS_FRAMES = 10
+OUT_DIR = ROOT / "images"
+
+
+# ---------------------------------------------------------------- loading
+
+def latest_checkpoint(run_dir):
+    """The newest checkpoint-STEP folder of a run."""
+    ckpts = list_checkpoints(run_dir)
+    if not ckpts:
+        raise DataError(f"{_rel(run_dir)}: no checkpoint-* folders in this run")
+    return ckpts[-1]
+
+
+def default_checkpoint():
+    """The latest checkpoint of the newest run under runs/, else the shipped weights."""
+    latest = [ckpts[-1] for run in (RUNS_DIR.iterdir() if RUNS_DIR.is_dir() else [])
+              if (ckpts := list_checkpoints(run))]
+    if latest:
+        return max(latest, key=lambda p: p.stat().st_mtime)
+    if WEIGHTS_DIR.exists():
+        return WEIGHTS_DIR
+    raise DataError(f"no checkpoint: nothing under {_rel(RUNS_DIR)}/*/checkpoint-* and no "
+                    f"{_rel(WEIGHTS_DIR)}; train first (python train.py) or pass --checkpoint")
+
+
+def load_model(checkpoint, device, ema=True):
+    """Checkpoint, run or weights folder -> (fp32 eval-mode model on device, scheduler config)."""
+    device = torch.device(device)
+    ckpt = resolve_checkpoint(checkpoint)
+    if is_weights_dir(ckpt):  # shipped weights: one (EMA) set, scheduler config beside it
+        if not ema:
+            raise DataError(f"{_rel(ckpt)}: a weights folder holds only EMA weights; --no-ema "
+                            "needs a training checkpoint (runs/NAME/checkpoint-STEP)")
+        weights, sched = ckpt, ckpt
+    else:
+        weights, sched = ckpt / (EMA_DIR if ema else MODEL_DIR), ckpt / SCHEDULER_DIR
+    if not (sched / DDPMScheduler.config_name).is_file():
+        raise DataError(f"{_rel(sched)}: missing {DDPMScheduler.config_name}")
+    model = load_weights(weights).to(device)
+    if device.type == "cpu":  # oneDNN convolutions run ~20% faster in NHWC
+        model = model.to(memory_format=torch.channels_last)
+    return model, DDPMScheduler.load_config(sched)
+
+
+def make_sampler(name, scheduler_config):
+    """A sampling scheduler built from the training schedule's config (same betas, prediction)."""
+    if name not in SAMPLERS:
+        raise DataError(f"--sampler: unknown sampler {name!r} (expected one of "
+                        f"{', '.join(SAMPLERS)})")
+    # "trailing" starts at the last training timestep (t = 999), which few-step samplers need.
+    extra = {"timestep_spacing": "trailing"}
+    if name == "dpm++":
+        extra.update(algorithm_type="dpmsolver++", solver_order=2)
+    return SAMPLERS[name].from_config(scheduler_config, **extra)
+
+
+# ---------------------------------------------------------------- sampling
+
+def _x0_estimate(sched, x, out, t):
+    """The clean image implied by the model output at x_t (for the denoising strip)."""
+    ac = sched.alphas_cumprod[int(t)].to(x.device)
+    kind = sched.config.prediction_type
+    if kind == "epsilon":
+        return (x - (1 - ac).sqrt() * out) / ac.sqrt()
+    if kind == "v_prediction":
+        return ac.sqrt() * x - (1 - ac).sqrt() * out
+    return out  # "sample"
+
+
+def _sample_batch(model, y, gens, sampler, steps, guidance, scheduler_config, trajectory,
+                  progress):
+    device = y.device
+    size = model.config.image_size
+    sched = make_sampler(sampler, scheduler_config)
+    sched.set_timesteps(steps)  # timesteps stay on the CPU, as in diffusers' DDPMPipeline
+    # per-image generators for stochastic steps (ddpm); the others take none or ignore them
+    takes_gen = "generator" in inspect.signature(sched.step).parameters
+    step_kw = {"generator": gens} if takes_gen else {}
+    x = randn_tensor((len(y), 3, size, size), generator=gens, device=device,
+                     dtype=torch.float32) * sched.init_noise_sigma
+    amp = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
+           else contextlib.nullcontext())
+    guided = guidance != 1.0
+    y_in = torch.cat([y, torch.zeros_like(y)]) if guided else y  # cond half, then uncond half
+    xs, x0s = ([x.cpu()] if trajectory else []), []
+    for t in tqdm(sched.timesteps, desc=f"{sampler} x{len(y)}", leave=False, disable=not progress):
+        x_in = sched.scale_model_input(x, t)
+        x_in = torch.cat([x_in, x_in]) if guided else x_in
+        with amp:
+            out = model(x_in, t.to(device).expand(len(x_in)), y_in).float()
+        if guided:
+            out_c, out_u = out.chunk(2)
+            out = out_u + guidance * (out_c - out_u)
+        if trajectory:
+            x0s.append(_x0_estimate(sched, x, out, t).clamp(-1, 1).cpu())
+        x = sched.step(out, t, x, **step_kw).prev_sample
+        if trajectory:
+            xs.append(x.cpu())
+    return x.clamp(-1, 1), xs, x0s
+
+
+@torch.no_grad()
+def generate(model, labels, *, sampler="dpm++", steps=None, guidance=GUIDANCE, seed=0,
+             device=None, batch_size=64, scheduler_config, return_trajectory=False,
+             progress=True):
+    """labels (N, 24) multi-hot -> images (N, 3, 64, 64) in [-1, 1] on the CPU.
+
+    CFG doubles each batch (condition + all-zero "no condition"): out = u + w (c - u); w = 1
+    skips the unconditional half. steps=None: 1000 for ddpm, else 25. With return_trajectory,
+    also returns {"x_t": (steps + 1, N, 3, H, W), "x0": (steps, N, 3, H, W)} (noise first).
+    """
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    steps = steps or DEFAULT_STEPS.get(sampler, 25)
+    labels = torch.as_tensor(labels, dtype=torch.float32)
+    # One CPU generator per image: its noise depends on (seed, i) only, never on the batch.
+    gens = [torch.Generator().manual_seed(derive_seed(seed, i)) for i in range(len(labels))]
+    images, xs, x0s = [], [], []
+    for s in range(0, len(labels), batch_size):
+        img, bx, bx0 = _sample_batch(model, labels[s:s + batch_size].to(device),
+                                     gens[s:s + batch_size], sampler, steps, guidance,
+                                     scheduler_config, return_trajectory, progress)
+        images.append(img.cpu())
+        xs.append(bx)
+        x0s.append(bx0)
+    images = torch.cat(images)
+    if not return_trajectory:
+        return images
+    traj = {"x_t": torch.stack([torch.cat(f) for f in zip(*xs)]),
+            "x0": torch.stack([torch.cat(f) for f in zip(*x0s)])}
+    return images, traj
+
+
+# ---------------------------------------------------------------- writing
+
+def save_png(image, path):
+    """uint8 (3, H, W) -> PNG, written to a temporary name and renamed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    Image.fromarray(image.permute(1, 2, 0).numpy()).save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+def save_grid(images, path, nrow=8):
+    save_png(make_grid(to_uint8(images), nrow=nrow, padding=2, pad_value=255), path)
+
+
+def save_process(model, out_dir, *, sampler, steps, guidance, seed, scheduler_config,
+                 frames=PROCESS_FRAMES):
+    """Denoising strip: top row x_t from noise to image, bottom row the model's x0 estimate."""
+    steps = max(steps, frames - 1)  # enough states for the frames
+    y = encode(PROCESS_LABELS)[None]
+    final, traj = generate(model, y, sampler=sampler, steps=steps, guidance=guidance, seed=seed,
+                           scheduler_config=scheduler_config, return_trajectory=True,
+                           progress=False)
+    pick = np.linspace(0, steps, frames).round().astype(int).tolist()
+    x0 = torch.cat([traj["x0"][:, 0], final])  # x0 estimate from each x_t; the image at the end
+    strip = torch.cat([traj["x_t"][pick, 0], x0[pick]])
+    save_grid(strip, Path(out_dir) / "denoise_process.png", nrow=frames)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--checkpoint", type=Path, default=None,
+                    help="checkpoint-STEP, run or weights folder (default: newest run's latest "
+                         "checkpoint, else weights/ddpm)")
+    ap.add_argument("--no-ema", action="store_true", help="raw weights instead of EMA")
+    ap.add_argument("--conditions", type=Path, nargs="+", default=list(TEST_JSONS),
+                    help="condition files (default: test.json new_test.json)")
+    ap.add_argument("--labels", default=None,
+                    help='one ad-hoc condition, e.g. "red sphere,cyan cube" (writes '
+                         "OUT/custom_*.png instead of the condition files)")
+    ap.add_argument("--num-images", type=int, default=8, help="images for --labels")
+    ap.add_argument("--sampler", default="dpm++", choices=list(SAMPLERS))
+    ap.add_argument("--steps", type=int, default=None, help="default: 1000 for ddpm, else 25")
+    ap.add_argument("--guidance", type=float, default=GUIDANCE,
+                    help="classifier-free guidance scale w (1 = none)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--batch-size", type=int, default=64, help="images per batch")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--out", type=Path, default=OUT_DIR)
+    args = ap.parse_args(argv)
+    if args.steps is not None and args.steps < 1:
+        raise DataError(f"--steps: expected a positive number, got {args.steps}")
+    for flag in ("batch_size", "num_images"):
+        if getattr(args, flag) < 1:
+            raise DataError(f"--{flag.replace('_', '-')}: expected a positive number, "
+                            f"got {getattr(args, flag)}")
+    custom = parse_labels(args.labels) if args.labels is not None else None
+    conditions = {} if custom else {p: load_conditions(p) for p in args.conditions}
+
+    device = resolve_device(args.device)
+    ckpt = resolve_checkpoint(args.checkpoint) if args.checkpoint else default_checkpoint()
+    model, sched_cfg = load_model(ckpt, device, ema=not args.no_ema)
+    steps = args.steps or DEFAULT_STEPS[args.sampler]
+    print(f"checkpoint: {_rel(ckpt)} ({'raw' if args.no_ema else 'EMA'} weights) | "
+          f"{args.sampler} {steps} steps, guidance {args.guidance}, seed {args.seed} | {device}")
+    kw = dict(sampler=args.sampler, steps=steps, guidance=args.guidance, seed=args.seed,
+              scheduler_config=sched_cfg)
+
+    out = args.out
+    if custom:
+        images = generate(model, encode(custom)[None].repeat(args.num_images, 1),
+                          batch_size=args.batch_size, **kw)
+        for i, img in enumerate(to_uint8(images)):
+            save_png(img, out / f"custom_{i}.png")
+        save_grid(images, out / "custom_grid.png")
+        print(f"wrote {len(images)} images of {', '.join(custom)} to {_rel(out)}/custom_*.png")
+        return
+    for path, conds in conditions.items():
+        images = generate(model, encode_batch(conds, _rel(path)), batch_size=args.batch_size, **kw)
+        for i, img in enumerate(to_uint8(images)):
+            save_png(img, out / path.stem / f"{i}.png")
+        save_grid(images, out / f"{path.stem}_grid.png")
+        print(f"wrote {len(images)} images to {_rel(out / path.stem)}/ and "
+              f"{_rel(out / path.stem)}_grid.png")
+    save_process(model, out, **kw)
+    print(f"wrote {_rel(out / 'denoise_process.png')}")
+
+
+if __name__ == "__main__":
+    run_cli(main)

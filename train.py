@@ -1,0 +1,535 @@
+"""Train the conditional DDPM (HF Accelerate: CPU, one GPU, or several via `accelerate launch`).
+
+    python train.py                                       # default preset, synthetic data
+    python train.py --preset tiny --max-steps 4 --run-name demo
+    python train.py --run-name demo --resume latest --max-steps 8
+    accelerate launch --num_processes 2 train.py ...      # --batch-size is per process
+
+The whole uint8 training set lives on the device and batches are drawn there by random index
+(no DataLoader workers). Each rank draws from its own generator (seeded by seed and rank) whose
+state is checkpointed, so a resumed run continues exactly. Outputs in runs/NAME/: config.json,
+log.jsonl, loss.png, checkpoint-STEP/ (see model.py for the layout).
+"""
+import argparse
+import copy
+import json
+import math
+import os
+import shutil
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
+
+from dataloader import (DATA_ROOT, TEST_JSONS, TRAIN_JSON, DataError, ICLEVRDataset, _rel,
+                        encode_batch, load_conditions, resolve_device, run_cli, to_float,
+                        to_uint8)
+from model import (EMA_DIR, MODEL_DIR, PRESETS, RUNS_DIR, SCHEDULER_DIR, build_model,
+                   count_params, derive_seed, list_checkpoints, load_weights,
+                   make_noise_scheduler, resolve_checkpoint)
+
+STATE_FILE = "train_state.pt"  # optimizer, LR schedule, step, EMA step (torch.load weights_only)
+
+
+def _opt(default, help, **kw):
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class TrainConfig:
+    # data
+    data_root: str = _opt(str(DATA_ROOT), "folder of training PNGs (synthetic ones are "
+                                          "rendered when missing)")
+    train_json: str = _opt(str(TRAIN_JSON), "spec file: image name -> label list")
+    # model and diffusion
+    preset: str = _opt("default", "model preset (model.PRESETS); a resumed run keeps its model",
+                       choices=list(PRESETS))
+    num_train_timesteps: int = _opt(1000, "DDPM training timesteps")
+    beta_schedule: str = _opt("squaredcos_cap_v2", "DDPM beta schedule (cosine by default)")
+    prediction_type: str = _opt("v_prediction", "what the model predicts",
+                                choices=["epsilon", "v_prediction"])
+    snr_gamma: float = _opt(5.0, "min-SNR-gamma loss weighting (0 = plain MSE)")
+    cond_drop: float = _opt(0.1, "probability of training a sample unconditionally (for CFG)")
+    # optimization
+    max_steps: int = _opt(20000, "stop after this many optimizer steps")
+    max_minutes: float = _opt(0.0, "wall-clock budget of the training loop (0 = none); "
+                                   "stops cleanly and saves")
+    batch_size: int = _opt(128, "images per step and process")
+    lr: float = _opt(3e-4, "peak learning rate (AdamW)")
+    lr_schedule: str = _opt("cosine", "LR schedule after warmup (diffusers get_scheduler name)",
+                            choices=["cosine", "linear", "constant_with_warmup"])
+    lr_decay_steps: int = _opt(0, "length of the LR schedule (0 = --max-steps)")
+    warmup_steps: int = _opt(500, "linear LR warmup steps")
+    lr_by_time: bool = _opt(False, "with --max-minutes: cosine-anneal by max(step fraction, time "
+                                   "fraction), so the schedule ends with the budget (speedruns)")
+    weight_decay: float = _opt(0.0, "AdamW weight decay")
+    grad_clip: float = _opt(1.0, "gradient norm clip (0 = none)")
+    ema_decay: float = _opt(0.999, "EMA decay cap")
+    ema_power: float = _opt(0.75, "EMA warmup power: decay = 1 - (1 + step)^-power, capped")
+    # run
+    run_name: str = _opt("", "runs/NAME (default: a timestamp)")
+    runs_dir: str = _opt(str(RUNS_DIR), "folder of runs")
+    resume: str = _opt("", "'latest' (this run's newest checkpoint) or a checkpoint/run folder")
+    save_every: int = _opt(1000, "checkpoint every N steps (and at the end)")
+    keep_last: int = _opt(3, "keep only the newest N checkpoints (0 = all)")
+    log_every: int = _opt(50, "status line and log.jsonl record every N steps")
+    eval_every: int = _opt(0, "score test.json with the judge every N steps (0 = never)")
+    eval_steps: int = _opt(25, "dpm++ steps of the eval sampler")
+    eval_guidance: float = _opt(2.0, "CFG scale of the eval sampler")
+    seed: int = _opt(0, "seed of the model init and of the data/noise generators")
+    device: str = _opt("auto", "auto, cpu or cuda (several GPUs: accelerate launch)")
+    mixed_precision: str = _opt("auto", "auto = bf16 on CUDA, no elsewhere",
+                                choices=["auto", "no", "bf16"])
+    channels_last: bool = _opt(False, "channels_last memory format")
+    compile: bool = _opt(False, "torch.compile the model")
+
+
+class NonFiniteLoss(RuntimeError):
+    """Training diverged; the message names the steps and the last good checkpoint."""
+
+
+# ---------------------------------------------------------------- config and flags
+
+def _parser(suppress=False):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                 argument_default=argparse.SUPPRESS if suppress else None)
+    for f in fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        kw = {} if suppress else {"default": f.default}
+        if f.type is bool:
+            ap.add_argument(flag, action=argparse.BooleanOptionalAction, help=f.metadata["help"],
+                            **kw)
+        else:
+            ap.add_argument(flag, type=f.type, choices=f.metadata.get("choices"),
+                            help=f.metadata["help"], **kw)
+    return ap
+
+
+def _find_resume(cfg):
+    """(run_dir, checkpoint or None) for cfg.resume; None when not resuming."""
+    if not cfg.resume:
+        return None
+    if cfg.resume == "latest":
+        runs = Path(cfg.runs_dir)
+        if cfg.run_name:
+            run_dir = runs / cfg.run_name
+        else:  # no name: the run with the newest checkpoint
+            latest = [c[-1] for r in (runs.iterdir() if runs.is_dir() else [])
+                      if (c := list_checkpoints(r))]
+            run_dir = max(latest, key=lambda p: p.stat().st_mtime).parent if latest else None
+        ckpts = list_checkpoints(run_dir) if run_dir else []
+        return run_dir, (ckpts[-1] if ckpts else None)
+    ckpt = resolve_checkpoint(cfg.resume)
+    if not (ckpt / STATE_FILE).is_file():
+        raise DataError(f"{_rel(ckpt)}: not a training checkpoint (no {STATE_FILE})")
+    return ckpt.parent, ckpt
+
+
+def parse_args(argv=None):
+    """Flags -> TrainConfig. When resuming, the run's saved config.json is the base and only the
+    flags given on the command line override it (so `--resume latest --max-steps 8` keeps the
+    run's preset, batch size, ...)."""
+    cfg = TrainConfig(**vars(_parser().parse_args(argv)))
+    found = _find_resume(cfg)
+    if found and found[0] is not None and (found[0] / "config.json").is_file():
+        saved = json.loads((found[0] / "config.json").read_text())
+        given = vars(_parser(suppress=True).parse_args(argv))
+        known = {f.name for f in fields(TrainConfig)}
+        cfg = TrainConfig(**{**{k: v for k, v in saved.items() if k in known}, **given})
+    return cfg
+
+
+def _check(cfg):
+    for name in ("max_steps", "batch_size", "log_every"):
+        if getattr(cfg, name) < 1:
+            raise DataError(f"--{name.replace('_', '-')}: expected a positive number, "
+                            f"got {getattr(cfg, name)}")
+    if not 0.0 <= cfg.cond_drop < 1.0:
+        raise DataError(f"--cond-drop: expected a probability in [0, 1), got {cfg.cond_drop}")
+
+
+# ---------------------------------------------------------------- helpers
+
+def diffusion_loss(model, noise_scheduler, x0, y, noise, t, snr=None, snr_gamma=0.0):
+    """MSE to the noise (epsilon) or to v, optionally min-SNR-gamma weighted per sample."""
+    x_t = noise_scheduler.add_noise(x0, noise, t)
+    if noise_scheduler.config.prediction_type == "epsilon":
+        target = noise
+    else:
+        target = noise_scheduler.get_velocity(x0, noise, t)
+    pred = model(x_t, t, y).float()
+    loss = F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3))
+    if snr_gamma > 0:  # Hang et al. 2023: weight min(SNR, gamma) / SNR (eps) or / (SNR + 1) (v)
+        s = snr[t]
+        w = s.clamp(max=snr_gamma)
+        eps = noise_scheduler.config.prediction_type == "epsilon"
+        loss = loss * (w / s if eps else w / (s + 1))
+    return loss.mean()
+
+
+def _write_json(path, obj):
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def plot_loss(run_dir):
+    """runs/NAME/log.jsonl -> runs/NAME/loss.png."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    recs = [r for r in _read_log(run_dir / "log.jsonl") if "loss" in r]
+    if not recs:
+        return
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    ax.plot([r["step"] for r in recs], [r["loss"] for r in recs], lw=1)
+    ax.set(xlabel="step", ylabel="loss", title=run_dir.name)
+    if min(r["loss"] for r in recs) > 0:
+        ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = run_dir / ".loss.png.tmp"
+    fig.savefig(tmp, format="png")
+    plt.close(fig)
+    os.replace(tmp, run_dir / "loss.png")
+
+
+def _read_log(path):
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _truncate_log(path, step):
+    """Resuming from step N: drop records of the abandoned steps after N."""
+    if not path.is_file():
+        return
+    recs = [r for r in _read_log(path) if r.get("step", 0) <= step]
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    os.replace(tmp, path)
+
+
+class _StopFlag:
+    """SIGINT/SIGTERM ask for a clean stop (checkpoint, then exit); a second Ctrl-C aborts."""
+
+    def __init__(self):
+        self.reason, self._old = None, {}
+
+    def __enter__(self):
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.reason = signal.Signals(signum).name
+        print(f"\n{self.reason}: stopping after this step and saving a checkpoint "
+              "(Ctrl-C again to abort)", flush=True)
+        signal.signal(signal.SIGINT, self._old.get(signal.SIGINT, signal.default_int_handler))
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+# ---------------------------------------------------------------- training
+
+def train(cfg):
+    """Train with cfg; returns the run folder. Raises NonFiniteLoss if the loss diverges."""
+    cfg = replace(cfg)  # filled in below (run name); the caller's copy stays as given
+    _check(cfg)
+    device_kind = resolve_device(cfg.device).type
+    mp = cfg.mixed_precision if cfg.mixed_precision != "auto" else (
+        "bf16" if device_kind == "cuda" else "no")
+    # Run folder: the resumed one, the named one, or a timestamp agreed on by all ranks.
+    run_dir, ckpt = _find_resume(cfg) or (None, None)
+    if run_dir is None and cfg.run_name:
+        run_dir = Path(cfg.runs_dir) / cfg.run_name
+    if run_dir is not None and not ckpt and list_checkpoints(run_dir):
+        raise DataError(f"{_rel(run_dir)}: already has checkpoints; continue it with --resume "
+                        "latest or pick another --run-name")
+    acc = Accelerator(cpu=device_kind == "cpu", mixed_precision=mp)
+    device, rank, world = acc.device, acc.process_index, acc.num_processes
+    main = acc.is_main_process
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if cfg.resume and ckpt is None:
+        acc.print(f"--resume {cfg.resume}: no checkpoint found, starting a new run")
+    if run_dir is None:
+        name = [time.strftime("%Y%m%d-%H%M%S")]
+        broadcast_object_list(name)
+        run_dir = Path(cfg.runs_dir) / name[0]
+    cfg.run_name, cfg.runs_dir = run_dir.name, str(run_dir.parent)
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        _write_json(run_dir / "config.json", asdict(cfg))
+    acc.print(f"config: {json.dumps(asdict(cfg))}")
+
+    # Data: the whole uint8 set on the device; rank 0 renders missing synthetic images first.
+    with acc.main_process_first():
+        ds = ICLEVRDataset(cfg.data_root, cfg.train_json, in_memory=True, device=cfg.device)
+    images, labels = ds.images.to(device), ds.labels.to(device)
+    n_images = len(ds)
+    del ds
+
+    # Model (a resumed run keeps its checkpoint's architecture), EMA, optimizer, schedule.
+    # ema_net is a plain contiguous copy that the EMA weights (and, for saving, the raw weights)
+    # are copied into: it is what gets saved and evaluated.
+    torch.manual_seed(cfg.seed)
+    net = load_weights(ckpt / MODEL_DIR) if ckpt else build_model(cfg.preset)
+    net.to(device).train()
+    ema_net = (load_weights(ckpt / EMA_DIR) if ckpt else copy.deepcopy(net)).to(device).eval()
+    ema_net.requires_grad_(False)
+    ema = EMAModel(ema_net.parameters(), decay=cfg.ema_decay, use_ema_warmup=True,
+                   power=cfg.ema_power, foreach=True)
+    if cfg.channels_last:
+        net.to(memory_format=torch.channels_last)
+    noise_scheduler = make_noise_scheduler(cfg.num_train_timesteps, cfg.beta_schedule,
+                                           cfg.prediction_type)
+    ac = noise_scheduler.alphas_cumprod.to(device)
+    snr = ac / (1 - ac)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                  fused=device.type == "cuda")
+    lr_sched = get_scheduler(cfg.lr_schedule, optimizer, num_warmup_steps=cfg.warmup_steps,
+                             num_training_steps=cfg.lr_decay_steps or cfg.max_steps)
+    model, optimizer = acc.prepare(net, optimizer)
+    if cfg.compile:
+        model = torch.compile(model)
+    gen = torch.Generator(device=device).manual_seed(derive_seed(cfg.seed, rank))
+
+    step = 0
+    if ckpt:
+        saved = torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=True)
+        optimizer.load_state_dict(saved["optimizer"])
+        lr_sched.load_state_dict(saved["lr_scheduler"])
+        step, ema.optimization_step = saved["step"], saved["ema_step"]
+        rng = ckpt / f"rng-{rank}.pt"
+        if rng.is_file():
+            _set_rng_state(gen, torch.load(rng, weights_only=True))
+        else:  # resumed with more processes than saved: a fresh stream for this rank
+            gen.manual_seed(derive_seed(cfg.seed, rank, step))
+        acc.print(f"resumed from {_rel(ckpt)} at step {step}")
+    if main:  # drop log records of steps after the checkpoint (or of an earlier failed start)
+        _truncate_log(run_dir / "log.jsonl", step)
+
+    n_params = count_params(net)
+    log_path = run_dir / "log.jsonl"
+
+    def log(rec):
+        if main:
+            with open(log_path, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+
+    log({"event": "start", "step": step, "device": str(device), "world_size": world,
+         "mixed_precision": mp, "params": n_params, "images": n_images})
+    acc.print(f"run {_rel(run_dir)} | {n_params / 1e6:.2f}M params | {n_images} images | "
+              f"{device} x{world} | {mp} | global batch {cfg.batch_size * world}")
+
+    bad = torch.zeros((), device=device)  # non-finite losses/grad norms, summed without a sync
+    loss_sum = torch.zeros((), device=device)
+    state = {"checked": step, "good_ckpt": ckpt}
+
+    def check_finite():
+        if bad.item() > 0:
+            good = state["good_ckpt"]
+            first = state["checked"] + 1
+            where = f"step {step}" if first == step else f"steps {first}-{step}"
+            raise NonFiniteLoss(f"non-finite loss or gradient at {where} (try a lower --lr); "
+                                f"last good checkpoint: {_rel(good) if good else 'none'}")
+        state["checked"] = step
+
+    def save_checkpoint():
+        check_finite()  # never write a poisoned checkpoint
+        final, tmp = run_dir / f"checkpoint-{step}", run_dir / f".tmp-checkpoint-{step}"
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+        acc.wait_for_everyone()
+        torch.save(_rng_state(gen), tmp / f"rng-{rank}.pt")
+        if main:  # through ema_net: safetensors needs contiguous (not channels_last) tensors
+            ema_net.load_state_dict(net.state_dict())
+            ema_net.save_pretrained(tmp / MODEL_DIR)
+            ema.copy_to(ema_net.parameters())
+            ema_net.save_pretrained(tmp / EMA_DIR)
+            noise_scheduler.save_config(tmp / SCHEDULER_DIR)
+            torch.save({"optimizer": optimizer.state_dict(), "lr_scheduler": lr_sched.state_dict(),
+                        "step": step, "ema_step": ema.optimization_step}, tmp / STATE_FILE)
+        acc.wait_for_everyone()
+        if main:
+            if final.exists():
+                shutil.rmtree(final)
+            tmp.rename(final)
+            for old in list_checkpoints(run_dir)[:-cfg.keep_last] if cfg.keep_last else []:
+                shutil.rmtree(old, ignore_errors=True)
+            plot_loss(run_dir)
+            print(f"saved {_rel(final)}", flush=True)
+        state["good_ckpt"] = final
+        acc.wait_for_everyone()
+
+    judge = {}
+
+    def evaluate():
+        if main:
+            if "model" not in judge:
+                judge["model"] = _load_judge(device)
+            if judge["model"] is not None:
+                from sample import generate
+
+                conds = encode_batch(load_conditions(TEST_JSONS[0]))
+                ema.copy_to(ema_net.parameters())
+                imgs = generate(ema_net, conds, sampler="dpm++", steps=cfg.eval_steps,
+                                guidance=cfg.eval_guidance, seed=0,
+                                scheduler_config=noise_scheduler.config, progress=False)
+                imgs = to_float(to_uint8(imgs))  # score what a PNG would hold
+                score = float(judge["model"].eval(imgs, conds))
+                print(f"eval step {step}: test.json accuracy {score:.4f}", flush=True)
+                log({"step": step, "eval_test_acc": score})
+        acc.wait_for_everyone()
+
+    stop = _StopFlag()
+    t_start = t_last = time.time()
+    last_step = step
+    with stop:
+        while step < cfg.max_steps:
+            step += 1
+            idx = torch.randint(n_images, (cfg.batch_size,), generator=gen, device=device)
+            x0 = to_float(images[idx])
+            if cfg.channels_last:
+                x0 = x0.contiguous(memory_format=torch.channels_last)
+            y = labels[idx]
+            noise = torch.randn(x0.shape, generator=gen, device=device)
+            t = torch.randint(0, cfg.num_train_timesteps, (cfg.batch_size,), generator=gen,
+                              device=device)
+            drop = torch.rand(cfg.batch_size, generator=gen, device=device) < cfg.cond_drop
+            y = y.masked_fill(drop[:, None], 0.0)  # all-zero = "no condition" (CFG)
+
+            loss = diffusion_loss(model, noise_scheduler, x0, y, noise, t, snr, cfg.snr_gamma)
+            acc.backward(loss)
+            grad_norm = acc.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
+            optimizer.step()
+            lr_sched.step()
+            if cfg.lr_by_time and cfg.max_minutes:  # overrides the step-based schedule
+                for g in optimizer.param_groups:
+                    g["lr"] = cfg.lr * _budget_lr_factor(cfg, step, time.time() - t_start)
+            optimizer.zero_grad(set_to_none=True)
+            ema.step(net.parameters())
+            bad += (~torch.isfinite(loss.detach())).float() + (~torch.isfinite(grad_norm)).float()
+            loss_sum += loss.detach()
+
+            if step % cfg.log_every == 0 or step == cfg.max_steps:
+                mean_loss = acc.reduce(loss_sum / (step - last_step), "mean").item()
+                check_finite()
+                now = time.time()
+                ips = (step - last_step) * cfg.batch_size * world / (now - t_last)
+                rec = {"step": step, "loss": mean_loss, "lr": optimizer.param_groups[0]["lr"],
+                       "images_per_s": ips, "elapsed_s": now - t_start}
+                log(rec)
+                acc.print(f"step {step}/{cfg.max_steps} | loss {mean_loss:.4f} | "
+                          f"lr {rec['lr']:.2e} | {ips:.0f} img/s | {_hms(rec['elapsed_s'])}",
+                          flush=True)
+                loss_sum.zero_()
+                t_last, last_step = now, step
+
+            reason = _stop_reason(acc, stop, cfg, t_start, step)
+            pause = time.time()
+            if (cfg.save_every and step % cfg.save_every == 0) or reason or step == cfg.max_steps:
+                save_checkpoint()
+            if cfg.eval_every and step % cfg.eval_every == 0:
+                evaluate()
+            t_last += time.time() - pause  # img/s counts training time only
+            if reason:
+                acc.print(f"stopped at step {step}: {reason}")
+                break
+
+    if world > 1:  # every rank must hold the weights rank 0 saved
+        sums = acc.gather(param_checksum(net)[None]).tolist()
+        log({"event": "ranks", "step": step, "param_checksums": sums,
+             "in_sync": len(set(sums)) == 1})
+    log({"event": "end", "step": step, "elapsed_s": time.time() - t_start})
+    if main:
+        plot_loss(run_dir)
+    acc.wait_for_everyone()
+    return run_dir
+
+
+def param_checksum(model):
+    """One float64 that differs when any weight differs (sum and sum of squares)."""
+    return sum(p.detach().double().sum() + p.detach().double().square().sum()
+               for p in model.parameters())
+
+
+def _budget_lr_factor(cfg, step, elapsed):
+    """Linear warmup, then cosine to zero over whichever runs out first: steps or minutes."""
+    frac = min(1.0, max(step / cfg.max_steps, elapsed / (cfg.max_minutes * 60)))
+    return min(1.0, step / max(1, cfg.warmup_steps)) * 0.5 * (1 + math.cos(math.pi * frac))
+
+
+def _stop_reason(acc, stop, cfg, t_start, step):
+    """A signal or the time budget; all ranks must agree, or DDP would hang."""
+    reason = stop.reason
+    if not reason and cfg.max_minutes and time.time() - t_start > cfg.max_minutes * 60:
+        reason = f"time budget of {cfg.max_minutes} min"
+    if acc.num_processes == 1:
+        return reason
+    if step % 10:  # agree every 10 steps only: a collective per step would cost a sync each
+        return None
+    flag = acc.reduce(torch.tensor([float(bool(reason))], device=acc.device), "sum").item()
+    return (reason or "another rank stopped") if flag > 0 else None
+
+
+def _rng_state(gen):
+    """This rank's data/noise generator, plus torch's global RNGs (dropout, if any)."""
+    state = {"gen": gen.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(gen, state):
+    gen.set_state(state["gen"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _hms(seconds):
+    m, s = divmod(int(seconds), 60)
+    return f"{m // 60}:{m % 60:02d}:{s:02d}"
+
+
+def _load_judge(device):
+    """The evaluator's judge, or None (one line) when it or its weights are missing."""
+    try:
+        from evaluator import evaluation_model
+
+        return evaluation_model(device=device)
+    except (ImportError, FileNotFoundError, DataError) as e:
+        print(f"eval: skipped ({str(e).splitlines()[0] if str(e) else type(e).__name__})")
+        return None
+
+
+def main(argv=None):
+    cfg = parse_args(argv)
+    try:
+        train(cfg)
+    except NonFiniteLoss as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    run_cli(main)
