@@ -29,7 +29,8 @@ from torchvision.utils import make_grid  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from dataloader import (ROOT, TEST_JSONS, DataError, _rel, encode, encode_batch,  # noqa: E402
-                        load_conditions, parse_labels, resolve_device, run_cli, to_uint8)
+                        load_conditions, load_json, parse_labels, resolve_device, run_cli,
+                        to_uint8)
 from model import (EMA_DIR, MODEL_DIR, RUNS_DIR, SCHEDULER_DIR, WEIGHTS_DIR,  # noqa: E402
                    derive_seed, is_weights_dir, list_checkpoints, load_weights,
                    resolve_checkpoint)
@@ -41,6 +42,7 @@ GUIDANCE = 2.0
 PROCESS_LABELS = ["red sphere", "cyan cylinder", "cyan cube"]
 PROCESS_FRAMES = 10
 OUT_DIR = ROOT / "images"
+SAMPLE_CONFIG = "sample_config.json"  # {"sampler", "steps", "guidance"} beside shipped weights
 
 
 # ---------------------------------------------------------------- loading
@@ -82,6 +84,12 @@ def load_model(checkpoint, device, ema=True):
     if device.type == "cpu":  # oneDNN convolutions run ~20% faster in NHWC
         model = model.to(memory_format=torch.channels_last)
     return model, DDPMScheduler.load_config(sched)
+
+
+def sample_config(checkpoint):
+    """The sampler, steps and guidance a checkpoint folder was scored with, if it says."""
+    path = Path(checkpoint) / SAMPLE_CONFIG
+    return load_json(path) if path.is_file() else {}
 
 
 def make_sampler(name, scheduler_config):
@@ -213,10 +221,14 @@ def main(argv=None):
                     help='one ad-hoc condition, e.g. "red sphere,cyan cube" (writes '
                          "OUT/custom_*.png instead of the condition files)")
     ap.add_argument("--num-images", type=int, default=8, help="images for --labels")
-    ap.add_argument("--sampler", default="dpm++", choices=list(SAMPLERS))
-    ap.add_argument("--steps", type=int, default=None, help="default: 1000 for ddpm, else 25")
-    ap.add_argument("--guidance", type=float, default=GUIDANCE,
-                    help="classifier-free guidance scale w (1 = none)")
+    ap.add_argument("--sampler", default=None, choices=list(SAMPLERS),
+                    help="default: the checkpoint's sample_config.json, else dpm++")
+    ap.add_argument("--steps", type=int, default=None,
+                    help="default: the checkpoint's sample_config.json, else 1000 for ddpm, "
+                         "else 25")
+    ap.add_argument("--guidance", type=float, default=None,
+                    help="classifier-free guidance scale w (1 = none; default: the "
+                         f"checkpoint's sample_config.json, else {GUIDANCE})")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--batch-size", type=int, default=64, help="images per batch")
     ap.add_argument("--device", default="auto")
@@ -234,7 +246,12 @@ def main(argv=None):
     device = resolve_device(args.device)
     ckpt = resolve_checkpoint(args.checkpoint) if args.checkpoint else default_checkpoint()
     model, sched_cfg = load_model(ckpt, device, ema=not args.no_ema)
-    steps = args.steps or DEFAULT_STEPS[args.sampler]
+    # Defaults the checkpoint was scored with (speedrun.py writes them beside shipped weights).
+    saved = sample_config(ckpt)
+    args.sampler = args.sampler or saved.get("sampler", "dpm++")
+    args.guidance = args.guidance if args.guidance is not None else saved.get("guidance", GUIDANCE)
+    same = args.sampler == saved.get("sampler")  # saved steps belong to the saved sampler
+    steps = args.steps or (saved.get("steps") if same else None) or DEFAULT_STEPS[args.sampler]
     print(f"checkpoint: {_rel(ckpt)} ({'raw' if args.no_ema else 'EMA'} weights) | "
           f"{args.sampler} {steps} steps, guidance {args.guidance}, seed {args.seed} | {device}")
     kw = dict(sampler=args.sampler, steps=steps, guidance=args.guidance, seed=args.seed,

@@ -172,6 +172,9 @@ def main(argv=None):
     else:
         guidance = float(args.guidance)
     result.update(sampler=args.sampler, sampler_steps=args.steps, guidance=guidance)
+    if args.ship:  # sample.py's defaults for the shipped weights: what they were scored with
+        (ROOT / "weights" / "ddpm" / sample.SAMPLE_CONFIG).write_text(json.dumps(
+            {"sampler": args.sampler, "steps": args.steps, "guidance": guidance}, indent=1) + "\n")
 
     # 4. Five seeds x both benchmark files, from the one final EMA checkpoint.
     files = {p.stem: dl.load_conditions(p) for p in dl.TEST_JSONS}

@@ -209,6 +209,17 @@ def test_export_fp16(runs, tmp_path):
                                                      "custom_grid.png"]
 
 
+def test_sample_defaults_come_from_the_checkpoint(runs, tmp_path, capsys):
+    """sample_config.json beside shipped weights sets sample.py's defaults; flags still win."""
+    dst = export_fp16(runs / "b", tmp_path / "weights")
+    (dst / sample.SAMPLE_CONFIG).write_text('{"sampler": "ddim", "steps": 3, "guidance": 1.5}')
+    args = ["--checkpoint", str(dst), "--labels", "red sphere", "--num-images", "1"]
+    sample.main([*args, "--out", str(tmp_path / "a")])
+    assert "ddim 3 steps, guidance 1.5" in capsys.readouterr().out
+    sample.main([*args, "--sampler", "dpm++", "--guidance", "1", "--out", str(tmp_path / "b")])
+    assert "dpm++ 25 steps, guidance 1.0" in capsys.readouterr().out  # saved steps: ddim's
+
+
 def test_nonfinite_loss_stops_cleanly(data, tmp_path):
     p = run("train.py", *TINY, *data, "--runs-dir", tmp_path, "--run-name", "nan",
             "--max-steps", 6, "--save-every", 1, "--lr", "1e30", "--warmup-steps", 0,

@@ -1,0 +1,95 @@
+"""Print README's result tables (markdown) from the files under results/, so that every number
+in README comes from a results file and none is typed by hand.
+
+    python bench/tables.py
+"""
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "results"
+
+
+def load(name):
+    path = RESULTS / name
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def row(*cells):
+    print("| " + " | ".join(str(c) for c in cells) + " |")
+
+
+def speedrun_table():
+    print("### Speedrun (`speedrun.py`), accuracy by the shipped judge, 5 seeds, one checkpoint\n")
+    row("device", "training", "images/s", "sampler", "guidance", "test.json", "new_test.json",
+        "FD test / new_test", "file")
+    row(*["---"] * 9)
+    for path in sorted(RESULTS.glob("speedrun-*.json")):
+        r = json.loads(path.read_text())
+        if "accuracy_mean" not in r:
+            continue
+        m, s = r["accuracy_mean"], r["accuracy_std"]
+        row(r["device"], f"{r['train_minutes']} min, {r['steps']} steps",
+            f"{r['train_images_per_s']:.0f}", f"{r['sampler']} {r['sampler_steps']}",
+            r["guidance"], f"{m['test']:.4f} ± {s['test']:.4f}",
+            f"{m['new_test']:.4f} ± {s['new_test']:.4f}",
+            f"{r['fd']['test']:.0f} / {r['fd']['new_test']:.0f}", f"`results/{path.name}`")
+        if "ddpm1000_no_guidance_seed0" in r:
+            d = r["ddpm1000_no_guidance_seed0"]
+            row(r["device"], "same checkpoint", "", "ddpm 1000", 1.0, f"{d['test']:.4f} (seed 0)",
+                f"{d['new_test']:.4f} (seed 0)", "", f"`results/{path.name}`")
+    print()
+
+
+def judge_table():
+    print("### The judge (`train_judge.py`), held-out synthetic images, lab's accuracy rule\n")
+    row("device", "images seen", "train s", "split", "images", "accuracy", "exact set", "file")
+    row(*["---"] * 8)
+    for path in sorted(RESULTS.glob("judge-*.json")):
+        r = json.loads(path.read_text())
+        for split, m in r["metrics"].items():
+            row(r["device"], r["images_seen"], r["train_seconds"], split, m["images"],
+                f"{m['accuracy']:.4f}", f"{m['exact_topk']:.4f}", f"`results/{path.name}`")
+    print()
+
+
+def speed_table():
+    print("### Speed\n")
+    row("what", "device", "number", "file")
+    row(*["---"] * 4)
+    for path in sorted(RESULTS.glob("render-*.json")):
+        r = json.loads(path.read_text())
+        for x in r["results"]:
+            if not x["what"].startswith(" "):
+                row(f"render: {x['what']}", r.get("device_name") or r["device"],
+                    f"{x['images_per_s']:.0f} images/s", f"`results/{path.name}`")
+    for path in sorted(RESULTS.glob("diffusion-*.json")):
+        r = json.loads(path.read_text())
+        name = f"{r['preset']} preset ({r['params'] / 1e6:.2f}M params)"
+        if "train" in r:
+            t = r["train"]
+            row(f"train {name}, batch {t['batch_size']}", r["device"],
+                f"{t['images_per_s']:.0f} images/s", f"`results/{path.name}`")
+        s = r["sampling"]
+        row(f"sample 64 conditions, {name}, {s['sampler']} {s['steps']} steps, CFG {s['guidance']}",
+            r["device"], f"{s['seconds']:.2f} s", f"`results/{path.name}`")
+        if "baseline" in r:
+            b = r["baseline"]
+            row(f"seed-style baseline (ddpm 1000 steps, one image at a time), {name}",
+                r["device"], f"{b['seconds_per_image']:.1f} s/image: batched 25-step sampling is "
+                f"{b['speedup_of_batched_sampling']:.0f}x faster", f"`results/{path.name}`")
+    for path in sorted(RESULTS.glob("train-variants-*.json")):
+        r = json.loads(path.read_text())
+        for name, v in r["variants"].items():
+            row(f"train {r['preset']} preset, {name}", r["device"],
+                f"{v['images_per_s']:.0f} images/s", f"`results/{path.name}`")
+    for path in sorted(RESULTS.glob("cpu-sample-*.json")):
+        r = json.loads(path.read_text())
+        row("`python sample.py` (shipped weights, both files)", f"{r['cpu_count']}-core CPU",
+            f"{r['sample_seconds']:.0f} s", f"`results/{path.name}`")
+    print()
+
+
+if __name__ == "__main__":
+    sys.exit(speedrun_table() or judge_table() or speed_table())
