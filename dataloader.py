@@ -52,6 +52,15 @@ def load_json(path):
         raise DataError(f"{_rel(path)}: malformed JSON ({e})") from None
 
 
+def write_json(path, obj, indent=1):
+    """Write JSON to a temporary name and rename it: a reader never sees a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=indent) + "\n")
+    tmp.replace(path)
+
+
 def load_objects(path=OBJECTS_JSON):
     """objects.json -> {name: index}; must be a bijection onto 0..N-1."""
     objects = load_json(path)

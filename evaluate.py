@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 from dataloader import (IMAGE_SIZE, ROOT, TEST_JSONS, DataError, _rel, encode_batch,
-                        load_conditions, load_image, run_cli)
+                        load_conditions, load_image, run_cli, write_json)
 from evaluator import evaluation_model, frechet_distance, per_image
 
 FD_RENDERS, FD_SEED = 16, 0
@@ -132,13 +132,8 @@ def main(argv=None):
                 print(f"  {i:3d}: {r['correct']}/{r['total']} {', '.join(r['labels'])}{wrong}")
         files[cond.name] = res
     if args.json:
-        out = Path(args.json)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + ".tmp")
-        report = {"checkpoint": _rel(judge.checkpoint), "device": str(judge.device),
-                  "files": files}
-        tmp.write_text(json.dumps(report, indent=1) + "\n")
-        tmp.replace(out)
+        write_json(args.json, {"checkpoint": _rel(judge.checkpoint),
+                               "device": str(judge.device), "files": files})
 
 
 if __name__ == "__main__":

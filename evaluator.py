@@ -20,7 +20,8 @@ import torchvision
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from dataloader import LABELS, NUM_CLASSES, ROOT, DataError, _rel, resolve_device, to_float
+from dataloader import (LABELS, NUM_CLASSES, ROOT, DataError, _rel, resolve_device, to_float,
+                        write_json)
 
 JUDGE_DIR = ROOT / "weights" / "judge"
 META_FILE = "judge.json"
@@ -136,10 +137,7 @@ def read_meta(folder):
 
 
 def write_meta(folder, meta):
-    path = Path(folder) / META_FILE
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(meta, indent=1) + "\n")
-    os.replace(tmp, path)
+    write_json(Path(folder) / META_FILE, meta)
 
 
 def save_judge(model, folder=JUDGE_DIR, meta=None):

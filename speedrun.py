@@ -97,10 +97,7 @@ def main(argv=None):
     path = results_dir / f"speedrun-{dev}{'-short' if args.short else ''}{args.tag}.json"
 
     def save():  # after every stage, so a run cut short keeps what it measured
-        results_dir.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(result, indent=1))
-        tmp.replace(path)
+        dl.write_json(path, result)
 
     try:
         judge = evaluation_model(checkpoint=args.judge, device=device)
@@ -173,8 +170,8 @@ def main(argv=None):
         guidance = float(args.guidance)
     result.update(sampler=args.sampler, sampler_steps=args.steps, guidance=guidance)
     if args.ship:  # sample.py's defaults for the shipped weights: what they were scored with
-        (ROOT / "weights" / "ddpm" / sample.SAMPLE_CONFIG).write_text(json.dumps(
-            {"sampler": args.sampler, "steps": args.steps, "guidance": guidance}, indent=1) + "\n")
+        dl.write_json(ROOT / "weights" / "ddpm" / sample.SAMPLE_CONFIG,
+                      {"sampler": args.sampler, "steps": args.steps, "guidance": guidance})
 
     # 4. Five seeds x both benchmark files, from the one final EMA checkpoint.
     files = {p.stem: dl.load_conditions(p) for p in dl.TEST_JSONS}

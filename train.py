@@ -31,7 +31,7 @@ from diffusers.training_utils import EMAModel
 
 from dataloader import (DATA_ROOT, TEST_JSONS, TRAIN_JSON, DataError, ICLEVRDataset, _rel,
                         encode_batch, load_conditions, resolve_device, run_cli, to_float,
-                        to_uint8)
+                        to_uint8, write_json)
 from model import (EMA_DIR, MODEL_DIR, PRESETS, RUNS_DIR, SCHEDULER_DIR, build_model,
                    count_params, derive_seed, list_checkpoints, load_weights,
                    make_noise_scheduler, resolve_checkpoint)
@@ -175,12 +175,6 @@ def diffusion_loss(model, noise_scheduler, x0, y, noise, t, snr=None, snr_gamma=
     return loss.mean()
 
 
-def _write_json(path, obj):
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
 def plot_loss(run_dir):
     """runs/NAME/log.jsonl -> runs/NAME/loss.png."""
     import matplotlib
@@ -276,7 +270,7 @@ def train(cfg):
     cfg.run_name, cfg.runs_dir = run_dir.name, str(run_dir.parent)
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        _write_json(run_dir / "config.json", asdict(cfg))
+        write_json(run_dir / "config.json", asdict(cfg))
     acc.print(f"config: {json.dumps(asdict(cfg))}")
 
     # Data: the whole uint8 set on the device; rank 0 renders missing synthetic images first.

@@ -298,10 +298,7 @@ def main(argv=None):
               "total_seconds": round(time.perf_counter() - t0, 2), **stats}
     write_meta(out, {**judge.meta, **{k: report[k] for k in ("device", "versions", "metrics")},
                      **stats})
-    results_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = results_path.with_name(results_path.name + ".tmp")
-    tmp.write_text(json.dumps(report, indent=1) + "\n")
-    tmp.replace(results_path)
+    dataloader.write_json(results_path, report)
     print(f"saved {dataloader._rel(out)}/ and {dataloader._rel(results_path)} "
           f"({stats['images_seen']} images seen in {stats['train_seconds']:.1f}s)")
 

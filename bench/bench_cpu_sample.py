@@ -21,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from dataloader import TEST_JSONS, load_conditions, run_cli  # noqa: E402
+from dataloader import TEST_JSONS, load_conditions, run_cli, write_json  # noqa: E402
 
 
 def main():
@@ -56,7 +56,7 @@ def main():
         print(f"{k}: {res['accuracy'][k]:.4f} here vs {res['gpu_seed0_accuracy'][k]:.4f} on the "
               f"GPU ({res['labels_apart'][k]} labels apart)")
     out = ROOT / "results" / f"cpu-sample-{args.device}.json"
-    out.write_text(json.dumps(res, indent=1) + "\n")
+    write_json(out, res)
     print(f"wrote {out.relative_to(ROOT)}")
 
 

@@ -11,7 +11,6 @@ depend on the weights.
 """
 import argparse
 import contextlib
-import json
 import os
 import platform
 import shlex
@@ -29,7 +28,7 @@ import accelerate  # noqa: E402
 import diffusers  # noqa: E402
 
 from dataloader import (NUM_CLASSES, TEST_JSONS, encode_batch, load_conditions,  # noqa: E402
-                        device_tag, resolve_device, run_cli)
+                        device_tag, resolve_device, run_cli, write_json)
 from model import (build_model, count_params, flops_per_image,  # noqa: E402
                    make_noise_scheduler)
 from sample import GUIDANCE, generate, load_model  # noqa: E402
@@ -183,11 +182,8 @@ def main():
         print(f"{name:<{width}}  {value}")
 
     suffix = device_tag(device) if preset == default_preset else f"{preset}-{device_tag(device)}"
-    args.out_dir.mkdir(parents=True, exist_ok=True)
     out = args.out_dir / f"diffusion-{suffix}.json"
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(json.dumps(res, indent=2) + "\n")
-    os.replace(tmp, out)
+    write_json(out, res)
     print(f"wrote {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}")
 
 

@@ -7,7 +7,6 @@ what it measured).
     python bench/bench_render.py --device cuda   # the GPU run, ~20 s
 """
 import argparse
-import json
 import os
 import platform
 import sys
@@ -20,15 +19,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import dataloader  # noqa: E402
 import render  # noqa: E402
-
-
-def cpu_name():
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f
-                        if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
 
 
 def timed(fn, device):
@@ -62,7 +52,7 @@ def main():
     if images < 3 or png_images < 3:
         raise dataloader.DataError("--images, --png-images: expected at least 3 (one scene)")
     bs = args.batch_size or render.DEFAULT_BATCH.get(device.type, 8)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
     load = os.getloadavg()[0]  # other processes on the machine slow the CPU numbers down
     out = args.out or dataloader.ROOT / "results" / f"render-{dataloader.device_tag(device)}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -81,9 +71,7 @@ def main():
         print(f"| {what:28s} | {n:7d} | {seconds:8.2f} | {n / seconds:9.1f} |", flush=True)
         result["results"].append({"what": what, "images": n, "seconds": round(seconds, 3),
                                    "images_per_s": round(n / seconds, 1)})
-        tmp = out.with_name(f".{out.name}.tmp")
-        tmp.write_text(json.dumps(result, indent=1) + "\n")
-        tmp.replace(out)
+        dataloader.write_json(out, result)
 
     # warm-up: CUDA context and kernels, the sRGB table
     render.render_tensor(render.make_spec(4, 3, seed=99), device=device, batch_size=bs)

@@ -6,7 +6,6 @@ torch.compile), the same training step as train.py (bf16 autocast on CUDA, fused
 The JSON is rewritten after every variant, so a run cut short keeps what it measured.
 """
 import argparse
-import json
 import platform
 import shlex
 import sys
@@ -17,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from dataloader import ROOT, device_tag, resolve_device, run_cli  # noqa: E402
+from dataloader import ROOT, device_tag, resolve_device, run_cli, write_json  # noqa: E402
 from model import build_model, make_noise_scheduler  # noqa: E402
 from train import diffusion_loss  # noqa: E402
 
@@ -90,10 +89,7 @@ def main():
         res["variants"][name] = {"batch_size": batch, "channels_last": cl, "compile": comp,
                                  "images_per_s": round(ips, 1), "warmup_seconds": round(warm, 1)}
         print(f"{name:22s} {ips:9.0f} {warm:10.1f}", flush=True)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.tmp")
-        tmp.write_text(json.dumps(res, indent=1) + "\n")
-        tmp.replace(out)
+        write_json(out, res)
     print(f"wrote {out.relative_to(ROOT)}")
 
 

@@ -4,16 +4,10 @@ in README comes from a results file and none is typed by hand.
     python bench/tables.py
 """
 import json
-import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "results"
-
-
-def load(name):
-    path = RESULTS / name
-    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def row(*cells):
@@ -92,4 +86,6 @@ def speed_table():
 
 
 if __name__ == "__main__":
-    sys.exit(speedrun_table() or judge_table() or speed_table())
+    speedrun_table()
+    judge_table()
+    speed_table()
