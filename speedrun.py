@@ -28,10 +28,13 @@ ROOT = dl.ROOT
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--minutes", type=float, default=10.0, help="training wall-clock budget")
-    p.add_argument("--short", action="store_true", help="2-minute budget (ablations)")
+    p.add_argument("--minutes", type=float, default=None,
+                   help="training wall-clock budget (default: 10, or 2 with --short)")
+    p.add_argument("--short", action="store_true",
+                   help="short mode for ablations: a 2-minute budget, -short in the file names")
     p.add_argument("--run-name", default=None, help="default: speedrun-<device>[-short]")
-    p.add_argument("--tag", default="", help="suffix of the results file name (ablations)")
+    p.add_argument("--tag", default="",
+                   help="suffix of the results and run names, e.g. --tag=-xattn (ablations)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     p.add_argument("--sampler", default="dpm++")
     p.add_argument("--steps", type=int, default=25)
@@ -88,7 +91,7 @@ def main(argv=None):
 
     device = dl.resolve_device(args.device)
     dev = dl.device_tag(device)
-    minutes = 2.0 if args.short else args.minutes
+    minutes = args.minutes or (2.0 if args.short else 10.0)
     run_name = args.run_name or f"speedrun-{dev}{'-short' if args.short else ''}{args.tag}"
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
     result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else dev,
@@ -121,8 +124,9 @@ def main(argv=None):
     train_seconds = time.time() - t0
     log = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
     steps = max(r["step"] for r in log if "step" in r)
-    loop_s = max(r["elapsed_s"] for r in log if r.get("event") == "end")
     speeds = [r["images_per_s"] for r in log if "images_per_s" in r][1:]  # after warm-up
+    end = [r for r in log if r.get("event") == "end"][-1]
+    loop_s = end["elapsed_s"]
     result.update(
         run_dir=str(run_dir.relative_to(ROOT)) if run_dir.is_relative_to(ROOT) else str(run_dir),
         train_config=json.loads((run_dir / "config.json").read_text()),
@@ -130,6 +134,7 @@ def main(argv=None):
             train_seconds / 60, 2), steps=steps, images_seen=steps * cfg.batch_size,
         train_images_per_s=round(float(np.median(speeds)) if speeds else
                                  steps * cfg.batch_size / loop_s, 1),
+        cuda_graph_replayed=end.get("cuda_graph_replayed"),
         peak_gpu_memory_gb=(round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
                             if device.type == "cuda" else None))
     print(f"trained {steps} steps in {loop_s / 60:.2f} min ({result['train_images_per_s']} img/s)")

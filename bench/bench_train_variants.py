@@ -1,5 +1,5 @@
 """Training throughput of one preset under speed options (batch size, channels_last,
-torch.compile), the same training step as train.py (bf16 autocast on CUDA, fused AdamW).
+torch.compile, CUDA graph), with train.py's own TrainStep (bf16 autocast on CUDA, fused AdamW).
 
     python bench/bench_train_variants.py --device cuda     # -> results/train-variants-<gpu>.json
 
@@ -16,53 +16,76 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from dataloader import ROOT, device_tag, resolve_device, run_cli, write_json  # noqa: E402
-from model import build_model, make_noise_scheduler  # noqa: E402
-from train import diffusion_loss  # noqa: E402
+from accelerate import Accelerator  # noqa: E402
 
-VARIANTS = {  # name: (batch size, channels_last, compile)
-    "b256": (256, False, False),
-    "b256 channels_last": (256, True, False),
-    "b512": (512, False, False),
-    "b256 compile": (256, False, True),
+from dataloader import (ROOT, DataError, device_tag, resolve_device, run_cli,  # noqa: E402
+                        write_json)
+from model import build_model, make_noise_scheduler  # noqa: E402
+from train import TrainStep  # noqa: E402
+
+VARIANTS = {  # name: (batch size, channels_last, compile, CUDA graph)
+    "b256": (256, False, False, False),
+    "b256 channels_last": (256, True, False, False),
+    "b512": (512, False, False, False),
+    "b128 graph": (128, False, False, True),
+    "b256 graph": (256, False, False, True),
+    "b512 graph": (512, False, False, True),
+    "b256 compile": (256, False, True, False),
 }
 
 
-def bench(preset, device, batch, channels_last, compile_, warmup, steps):
+def make_step(preset, device, channels_last=False, compile_=False, graph=False):
+    """train.py's TrainStep (loss, backward, clip, fused AdamW) on a fresh seed-0 model."""
+    cuda = device.type == "cuda"
+    acc = Accelerator(cpu=not cuda, mixed_precision="bf16" if cuda else "no")
     torch.manual_seed(0)
     net = build_model(preset).to(device).train()
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     net = net.to(memory_format=fmt)
-    model = torch.compile(net) if compile_ else net
-    opt = torch.optim.AdamW(net.parameters(), lr=1e-4, fused=device.type == "cuda")
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-4, fused=cuda, capturable=graph)
+    model, opt = (net, opt) if graph else acc.prepare(net, opt)
+    model = torch.compile(model) if compile_ else model
     sched = make_noise_scheduler(prediction_type="v_prediction")
     ac = sched.alphas_cumprod.to(device)
-    snr = ac / (1 - ac)
+    return TrainStep(acc, model, opt, sched, ac / (1 - ac), 5.0, 1.0, cuda_graph=graph)
+
+
+def check_graph(preset, device, batch=64, steps=8):
+    """Eager and CUDA-graph steps from the same init on the same batches -> both loss curves
+    (equal up to bf16 kernel nondeterminism; the replays are steps WARMUP + 2 onwards)."""
+    g = torch.Generator(device=device).manual_seed(0)
+    x0 = torch.rand(batch, 3, 64, 64, generator=g, device=device) * 2 - 1
+    y = (torch.rand(batch, 24, generator=g, device=device) < 0.1).float()
+    batches = [(torch.randn(x0.shape, generator=g, device=device),
+                torch.randint(0, 1000, (batch,), generator=g, device=device))
+               for _ in range(steps)]
+    curves = {}
+    for graph in (False, True):
+        step = make_step(preset, device, graph=graph)
+        curves["graph" if graph else "eager"] = [float(step(x0, y, n, t)[0]) for n, t in batches]
+    curves["replayed"] = step.replaying  # False: the capture failed and it ran eagerly
+    return curves
+
+
+def bench(preset, device, batch, channels_last, compile_, graph, warmup, steps):
+    """Images/s of train.py's TrainStep on random data, and the warm-up seconds."""
+    step = make_step(preset, device, channels_last, compile_, graph)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
     x0 = torch.randn(batch, 3, 64, 64, device=device).contiguous(memory_format=fmt)
     y = (torch.rand(batch, 24, device=device) < 0.1).float()
-    amp = device.type == "cuda"
 
-    def step():
-        noise = torch.randn_like(x0)
-        t = torch.randint(0, 1000, (batch,), device=device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            loss = diffusion_loss(model, sched, x0, y, noise, t, snr, 5.0)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    def run(n):
+        t0 = time.perf_counter()
+        for _ in range(n):
+            step(x0, y, torch.randn_like(x0), torch.randint(0, 1000, (batch,), device=device))
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
 
-    t0 = time.perf_counter()
-    for _ in range(warmup):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    warm_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return batch * steps / (time.perf_counter() - t0), warm_s
+    warm_s = run(warmup + (TrainStep.WARMUP + 1 if graph else 0))  # graphs: capture included
+    if graph and not step.replaying:
+        raise RuntimeError("CUDA graph capture failed (see the warning above)")
+    return batch * steps / run(steps), warm_s
 
 
 def main():
@@ -82,12 +105,31 @@ def main():
            "versions": {"python": platform.python_version(), "torch": torch.__version__},
            "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
            "timed_steps": args.steps, "warmup_steps": args.warmup, "variants": {}}
+    if device.type == "cuda" and any(VARIANTS[v][3] for v in args.variants):
+        try:
+            curves = check_graph(args.preset, device)
+            diff = max(abs(a - b) / abs(a) for a, b in zip(curves["eager"], curves["graph"]))
+            res["graph_check"] = {**curves, "max_rel_diff": round(diff, 5)}
+            print(f"CUDA graph (replayed: {curves['replayed']}) vs eager, same batches: losses "
+                  f"differ by at most {diff:.2%}")
+        except RuntimeError as e:
+            res["graph_check"] = {"error": str(e).strip().splitlines()[0][:500]}
+            print(f"CUDA graph check failed: {res['graph_check']['error']}")
+        write_json(out, res)
     print(f"{'variant':22s} {'img/s':>9s} {'warm-up s':>10s}")
     for name in args.variants:
-        batch, cl, comp = VARIANTS[name]
-        ips, warm = bench(args.preset, device, batch, cl, comp, args.warmup, args.steps)
+        batch, cl, comp, graph = VARIANTS[name]
+        try:
+            ips, warm = bench(args.preset, device, batch, cl, comp, graph, args.warmup,
+                              args.steps)
+        except (RuntimeError, DataError) as e:  # e.g. a capture that fails: record, go on
+            print(f"{name:22s} failed: {str(e).strip().splitlines()[0][:200]}", flush=True)
+            res["variants"][name] = {"error": str(e).strip().splitlines()[0][:500]}
+            write_json(out, res)
+            continue
         res["variants"][name] = {"batch_size": batch, "channels_last": cl, "compile": comp,
-                                 "images_per_s": round(ips, 1), "warmup_seconds": round(warm, 1)}
+                                 "cuda_graph": graph, "images_per_s": round(ips, 1),
+                                 "warmup_seconds": round(warm, 1)}
         print(f"{name:22s} {ips:9.0f} {warm:10.1f}", flush=True)
         write_json(out, res)
     print(f"wrote {out.relative_to(ROOT)}")

@@ -21,7 +21,7 @@ def speedrun_table():
     row(*["---"] * 9)
     for path in sorted(RESULTS.glob("speedrun-*.json")):
         r = json.loads(path.read_text())
-        if "accuracy_mean" not in r:
+        if "accuracy_mean" not in r or "-short" in path.name:
             continue
         m, s = r["accuracy_mean"], r["accuracy_std"]
         row(r["device"], f"{r['train_minutes']} min, {r['steps']} steps",
@@ -33,6 +33,39 @@ def speedrun_table():
             d = r["ddpm1000_no_guidance_seed0"]
             row(r["device"], "same checkpoint", "", "ddpm 1000", 1.0, f"{d['test']:.4f} (seed 0)",
                 f"{d['new_test']:.4f} (seed 0)", "", f"`results/{path.name}`")
+    print()
+
+
+# The recipe knobs an ablation row names, when they differ from the first row's.
+KNOBS = {"preset": "preset", "prediction_type": "prediction", "snr_gamma": "min-SNR",
+         "lr": "lr", "batch_size": "batch", "ema_decay": "EMA", "cond_drop": "cond drop",
+         "cuda_graph": "CUDA graph", "channels_last": "channels_last", "compile": "compile",
+         "mixed_precision": "precision"}
+
+
+def ablation_table():
+    """One row per short speedrun (speedrun.py --short --tag=-NAME): same budget, one change."""
+    rows = [(p, json.loads(p.read_text())) for p in sorted(RESULTS.glob("speedrun-*-short*.json"))]
+    rows = [(p, r) for p, r in rows if "accuracy_mean" in r]
+    if not rows:
+        return
+    seeds = len(rows[0][1]["accuracy"]["test"])
+    print(f"### Ablations: short speedruns (`speedrun.py --short`), {seeds} seeds each\n")
+    row("run", "change", "steps", "images/s", "guidance", "test.json", "new_test.json",
+        "FD test / new_test", "file")
+    row(*["---"] * 9)
+    base = rows[0][1]["train_config"]
+    for path, r in rows:
+        cfg = r["train_config"]
+        change = ", ".join(f"{label} {cfg.get(k)}" for k, label in KNOBS.items()
+                           if cfg.get(k) != base.get(k)) or "(reference)"
+        if cfg.get("cuda_graph") and r.get("cuda_graph_replayed") is False:
+            change += " (capture failed: eager)"
+        m, s = r["accuracy_mean"], r["accuracy_std"]
+        name = path.stem.split("-short", 1)[1].lstrip("-") or "short"
+        row(name, change, r["steps"], f"{r['train_images_per_s']:.0f}", r["guidance"],
+            f"{m['test']:.4f} ± {s['test']:.4f}", f"{m['new_test']:.4f} ± {s['new_test']:.4f}",
+            f"{r['fd']['test']:.0f} / {r['fd']['new_test']:.0f}", f"`results/{path.name}`")
     print()
 
 
@@ -76,8 +109,13 @@ def speed_table():
     for path in sorted(RESULTS.glob("train-variants-*.json")):
         r = json.loads(path.read_text())
         for name, v in r["variants"].items():
-            row(f"train {r['preset']} preset, {name}", r["device"],
-                f"{v['images_per_s']:.0f} images/s", f"`results/{path.name}`")
+            number = (f"{v['images_per_s']:.0f} images/s" if "images_per_s" in v
+                      else f"failed: {v['error'][:80]}")
+            row(f"train {r['preset']} preset, {name}", r["device"], number,
+                f"`results/{path.name}`")
+        if "max_rel_diff" in r.get("graph_check", {}):
+            row("CUDA-graph step vs eager step, same 8 batches", r["device"],
+                f"losses within {r['graph_check']['max_rel_diff']:.2%}", f"`results/{path.name}`")
     for path in sorted(RESULTS.glob("cpu-sample-*.json")):
         r = json.loads(path.read_text())
         row("`python sample.py` (shipped weights, both files)", f"{r['cpu_count']}-core CPU",
@@ -87,5 +125,6 @@ def speed_table():
 
 if __name__ == "__main__":
     speedrun_table()
+    ablation_table()
     judge_table()
     speed_table()

@@ -262,6 +262,7 @@ def test_clear_one_line_errors(runs, tmp_path, capsys):
         (sample.main, ["--checkpoint", str(runs / "b"), "--sampler", "ddpm", "--steps", "0"],
          "--steps"),
         (train.main, ["--resume", str(missing)], str(missing)),
+        (train.main, ["--cuda-graph", "--device", "cpu"], "--cuda-graph: needs a CUDA device"),
     ]
     for main, argv, needle in cases:
         with pytest.raises(SystemExit) as e:
@@ -291,3 +292,19 @@ def test_two_process_training(data, tmp_path):
     rng = [torch.load(tmp_path / "ddp" / "checkpoint-3" / f"rng-{r}.pt", weights_only=True)
            for r in (0, 1)]
     assert not torch.equal(rng[0]["gen"], rng[1]["gen"])
+
+
+def test_train_and_sample_xattn_preset(data, tmp_path):
+    """The real xattn preset: 2 training steps (about 13 s, mostly imports), then sample.py."""
+    run("train.py", "--preset", "xattn", "--batch-size", 2, "--max-steps", 2, "--log-every", 1,
+        "--warmup-steps", 1, *data, "--runs-dir", tmp_path, "--run-name", "x", "--device", "cpu",
+        cwd=tmp_path)
+    cfg = json.loads((tmp_path / "x" / "checkpoint-2" / "ema" / "config.json").read_text())
+    assert cfg["conditioning"] == "xattn"
+    out = tmp_path / "images"
+    p = run("sample.py", "--checkpoint", tmp_path / "x", "--steps", 2, "--labels",
+            "red sphere, cyan cube", "--num-images", 2, "--out", out, cwd=tmp_path)
+    assert "checkpoint-2" in p.stdout
+    assert sorted(f.name for f in out.iterdir()) == ["custom_0.png", "custom_1.png",
+                                                     "custom_grid.png"]
+    assert {Image.open(out / f"custom_{i}.png").size for i in range(2)} == {(64, 64)}
