@@ -75,10 +75,22 @@ def judge_table():
     row(*["---"] * 8)
     for path in sorted(RESULTS.glob("judge-*.json")):
         r = json.loads(path.read_text())
-        for split, m in r["metrics"].items():
+        for split, m in r.get("metrics", {}).items():  # (judge-resolution-* has none)
             row(r["device"], r["images_seen"], r["train_seconds"], split, m["images"],
                 f"{m['accuracy']:.4f}", f"{m['exact_topk']:.4f}", f"`results/{path.name}`")
     print()
+
+
+def judge_resolution_table():
+    for path in sorted(RESULTS.glob("judge-resolution-*.json")):
+        r = json.loads(path.read_text())
+        print(f"### How much detail the judge needs (`bench/bench_judge_resolution.py`), "
+              f"{r['images']} renders of the benchmark conditions\n")
+        row("renders", "accuracy", "file")
+        row(*["---"] * 3)
+        for what, acc in r["accuracy"].items():
+            row(what, f"{acc:.4f}", f"`results/{path.name}`")
+        print()
 
 
 def speed_table():
@@ -127,4 +139,5 @@ if __name__ == "__main__":
     speedrun_table()
     ablation_table()
     judge_table()
+    judge_resolution_table()
     speed_table()

@@ -179,6 +179,11 @@ def test_presets_sizes():
     assert count_params(tiny) < 1e6
     assert count_params(default) <= 16e6 and flops_per_image(default) <= 9e9
     assert abs(count_params(build_model("seed")) - 113.7e6) < 0.2e6
+    fast = build_model("fast")  # same capacity, under a third of default's cost per image
+    assert count_params(fast) <= 16e6 and flops_per_image(fast) <= flops_per_image(default) / 3
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert fast(x, torch.tensor([500]), torch.zeros(1, 24)).shape == x.shape
 
 
 def test_export_fp16(runs, tmp_path):
