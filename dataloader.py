@@ -136,6 +136,20 @@ def load_conditions(path):
     return conds
 
 
+def validation_conditions(n, seed=1234):
+    """n random 1-3-object conditions (distinct classes, none of them a benchmark condition),
+    for choices made during development: the guidance scale, learning curves. A fixed seed
+    makes any n a prefix of a longer list."""
+    rng = np.random.default_rng(seed)
+    bench = {frozenset(c) for p in TEST_JSONS for c in load_conditions(p)}
+    out = []
+    while len(out) < n:
+        c = [LABELS[i] for i in rng.choice(NUM_CLASSES, rng.integers(1, 4), replace=False)]
+        if frozenset(c) not in bench:
+            out.append(c)
+    return out
+
+
 def load_spec(path):
     """A spec file (train.json): {image file name: label list}, in file order."""
     spec = load_json(path)

@@ -65,18 +65,6 @@ def versions():
             "accelerate": accelerate.__version__, "cuda": torch.version.cuda}
 
 
-def validation_conditions(n, seed=1234):
-    """Random 1-3-object conditions (distinct classes), never the benchmark files."""
-    rng = np.random.default_rng(seed)
-    bench = {frozenset(c) for p in dl.TEST_JSONS for c in dl.load_conditions(p)}
-    out = []
-    while len(out) < n:
-        c = [dl.LABELS[i] for i in rng.choice(dl.NUM_CLASSES, rng.integers(1, 4), replace=False)]
-        if frozenset(c) not in bench:
-            out.append(c)
-    return out
-
-
 def synchronize(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -135,6 +123,9 @@ def main(argv=None):
         train_images_per_s=round(float(np.median(speeds)) if speeds else
                                  steps * cfg.batch_size / loop_s, 1),
         cuda_graph_replayed=end.get("cuda_graph_replayed"),
+        learning_curve=[{"step": r["step"], "train_minutes": round(r["elapsed_s"] / 60, 2),
+                         "val_accuracy": round(r["eval_val_acc"], 4)}
+                        for r in log if "eval_val_acc" in r],  # train.py --eval-every
         peak_gpu_memory_gb=(round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
                             if device.type == "cuda" else None))
     print(f"trained {steps} steps in {loop_s / 60:.2f} min ({result['train_images_per_s']} img/s)")
@@ -163,7 +154,7 @@ def main(argv=None):
 
     # 3. Guidance scale from validation conditions (seed 10**6, disjoint from the benchmark seeds).
     if args.guidance == "auto":
-        val = validation_conditions(args.val_conditions)
+        val = dl.validation_conditions(args.val_conditions)
         sweep = {}
         for g in args.guidance_grid:
             images, labels, _ = generate(val, 10**6, g)

@@ -29,9 +29,9 @@ from accelerate.utils import broadcast_object_list
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 
-from dataloader import (DATA_ROOT, TEST_JSONS, TRAIN_JSON, DataError, ICLEVRDataset, _rel,
-                        encode_batch, load_conditions, resolve_device, run_cli, to_float,
-                        to_uint8, write_json)
+from dataloader import (DATA_ROOT, TRAIN_JSON, DataError, ICLEVRDataset, _rel, encode_batch,
+                        resolve_device, run_cli, to_float, to_uint8, validation_conditions,
+                        write_json)
 from model import (EMA_DIR, MODEL_DIR, PRESETS, RUNS_DIR, SCHEDULER_DIR, build_model,
                    count_params, derive_seed, list_checkpoints, load_weights,
                    make_noise_scheduler, resolve_checkpoint)
@@ -81,9 +81,12 @@ class TrainConfig:
     save_every: int = _opt(1000, "checkpoint every N steps (and at the end)")
     keep_last: int = _opt(3, "keep only the newest N checkpoints (0 = all)")
     log_every: int = _opt(50, "status line and log.jsonl record every N steps")
-    eval_every: int = _opt(0, "score test.json with the judge every N steps (0 = never)")
+    eval_every: int = _opt(0, "score --eval-conditions validation conditions (never the "
+                               "benchmark files) with the judge every N steps (0 = never); "
+                               "its time does not count towards --max-minutes")
+    eval_conditions: int = _opt(128, "random 1-3-object validation conditions of the eval")
     eval_steps: int = _opt(25, "dpm++ steps of the eval sampler")
-    eval_guidance: float = _opt(2.0, "CFG scale of the eval sampler")
+    eval_guidance: float = _opt(3.0, "CFG scale of the eval sampler")
     seed: int = _opt(0, "seed of the model init and of the data/noise generators")
     device: str = _opt("auto", "auto, cpu or cuda (several GPUs: accelerate launch)")
     mixed_precision: str = _opt("auto", "auto = bf16 on CUDA, no elsewhere",
@@ -505,15 +508,16 @@ def train(cfg):
             if judge["model"] is not None:
                 from sample import generate
 
-                conds = encode_batch(load_conditions(TEST_JSONS[0]))
+                conds = encode_batch(validation_conditions(cfg.eval_conditions))
                 ema.copy_to(ema_net.parameters())
                 imgs = generate(ema_net, conds, sampler="dpm++", steps=cfg.eval_steps,
-                                guidance=cfg.eval_guidance, seed=0,
+                                guidance=cfg.eval_guidance, seed=0, batch_size=256,
                                 scheduler_config=noise_scheduler.config, progress=False)
                 imgs = to_float(to_uint8(imgs))  # score what a PNG would hold
                 score = float(judge["model"].eval(imgs, conds))
-                print(f"eval step {step}: test.json accuracy {score:.4f}", flush=True)
-                log({"step": step, "eval_test_acc": score})
+                print(f"eval step {step}: validation accuracy {score:.4f} ({len(conds)} "
+                      f"conditions, guidance {cfg.eval_guidance})", flush=True)
+                log({"step": step, "elapsed_s": time.time() - t_start, "eval_val_acc": score})
         acc.wait_for_everyone()
 
     stop = _StopFlag()
@@ -562,8 +566,10 @@ def train(cfg):
             pause = time.time()
             if (cfg.save_every and step % cfg.save_every == 0) or reason or step == cfg.max_steps:
                 save_checkpoint()
-            if cfg.eval_every and step % cfg.eval_every == 0:
+            if cfg.eval_every and step % cfg.eval_every == 0 and not reason:
+                t_eval = time.time()
                 evaluate()
+                t_start += time.time() - t_eval  # evaluating is not training: off the budget
             t_last += time.time() - pause  # img/s counts training time only
             if reason:
                 acc.print(f"stopped at step {step}: {reason}")

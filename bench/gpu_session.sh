@@ -56,6 +56,7 @@ stage() {  # stage SECONDS NAME COMMAND...: a stage that fails or overruns never
 }
 
 COMMON="--batch-size 256 --lr 5e-4 --lr-by-time --max-steps 1000000 --warmup-steps 300 --log-every 200"
+EVAL_EVERY=500  # ablations log a learning curve: validation accuracy every 500 steps (off the clock)
 ablate() {  # ablate BUDGET_S EXTRA...: one short speedrun per ABLATIONS entry ("name:flags;...")
   local budget=$1; shift
   local entry
@@ -64,7 +65,7 @@ ablate() {  # ablate BUDGET_S EXTRA...: one short speedrun per ABLATIONS entry (
     local name=${entry%%:*} flags=${entry#*:}
     # shellcheck disable=SC2086  # flags are words
     stage "$budget" "ablate $name" $PY speedrun.py --short --tag="-$name" --save-every 100000 \
-      $COMMON "$@" $flags
+      --eval-every "$EVAL_EVERY" $COMMON "$@" $flags
   done
 }
 
@@ -82,7 +83,9 @@ if [ "${REHEARSE:-0}" = 1 ]; then
   has bench && stage 300 bench $PY bench/bench_diffusion.py --preset tiny --baseline-images 1
   has variants && stage 300 variants $PY bench/bench_train_variants.py --preset tiny \
     --variants b256 "b128 graph" --warmup 1 --steps 1
-  COMMON="--batch-size 8 --lr 5e-4 --lr-by-time --max-steps 100000 --warmup-steps 5 --log-every 5"
+  COMMON="--batch-size 8 --lr 5e-4 --lr-by-time --max-steps 100000 --warmup-steps 5 --log-every 5
+          --eval-conditions 4 --eval-steps 2"
+  EVAL_EVERY=10
   ABLATIONS=${ABLATIONS:-"base:--preset tiny;lr:--preset tiny --lr 1e-3"}
   has ablate && ablate 600 --minutes 0.2 --seeds 0 1 --val-conditions 8 --guidance-grid 1 2
   exit 0

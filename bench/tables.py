@@ -52,8 +52,8 @@ def ablation_table():
     seeds = len(rows[0][1]["accuracy"]["test"])
     print(f"### Ablations: short speedruns (`speedrun.py --short`), {seeds} seeds each\n")
     row("run", "change", "steps", "images/s", "guidance", "test.json", "new_test.json",
-        "FD test / new_test", "file")
-    row(*["---"] * 9)
+        "FD test / new_test", "validation accuracy during training", "file")
+    row(*["---"] * 10)
     base = rows[0][1]["train_config"]
     for path, r in rows:
         cfg = r["train_config"]
@@ -65,7 +65,9 @@ def ablation_table():
         name = path.stem.split("-short", 1)[1].lstrip("-") or "short"
         row(name, change, r["steps"], f"{r['train_images_per_s']:.0f}", r["guidance"],
             f"{m['test']:.4f} ± {s['test']:.4f}", f"{m['new_test']:.4f} ± {s['new_test']:.4f}",
-            f"{r['fd']['test']:.0f} / {r['fd']['new_test']:.0f}", f"`results/{path.name}`")
+            f"{r['fd']['test']:.0f} / {r['fd']['new_test']:.0f}",
+            " ".join(f"{c['val_accuracy']:.2f}@{c['step']}" for c in r.get("learning_curve", [])),
+            f"`results/{path.name}`")
     print()
 
 

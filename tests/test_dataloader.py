@@ -38,6 +38,15 @@ def test_benchmark_condition_files():
     assert dl.encode_batch(new).shape == (32, 24)
 
 
+def test_validation_conditions_avoid_the_benchmark():
+    val = dl.validation_conditions(300)
+    bench = {frozenset(c) for p in dl.TEST_JSONS for c in dl.load_conditions(p)}
+    assert not bench & {frozenset(c) for c in val}
+    assert {len(c) for c in val} == {1, 2, 3} and all(len(set(c)) == len(c) for c in val)
+    assert dl.encode_batch(val).shape == (300, 24)  # every label valid
+    assert dl.validation_conditions(128) == val[:128]  # the eval's set is the sweep's prefix
+
+
 @pytest.mark.parametrize("content, message", [
     ('[["red sphere"], ["pink sphere"]]', "[1]: unknown label 'pink sphere'"),
     ('[["red sphere"], []]', "[1]: expected a non-empty list"),

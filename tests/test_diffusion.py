@@ -285,7 +285,7 @@ def test_two_process_training(data, tmp_path):
     p = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300, env=ENV)
     assert p.returncode == 0, p.stdout + p.stderr
     # rank 0 evaluates (or says in one line why not) while rank 1 waits at the barrier
-    assert "eval: skipped" in p.stdout or "eval step 3: test.json accuracy" in p.stdout
+    assert "eval: skipped" in p.stdout or "eval step 3: validation accuracy" in p.stdout
     log = train._read_log(tmp_path / "ddp" / "log.jsonl")
     assert log[0]["world_size"] == 2
     ranks = next(r for r in log if r.get("event") == "ranks")
