@@ -5,6 +5,9 @@ results/speedrun-<device>.json.
     python speedrun.py                  # 10-minute training budget (one GPU)
     python speedrun.py --short          # ~2 minutes, for ablations
     python speedrun.py --minutes 4 --ship   # also export the EMA weights to weights/ddpm (fp16)
+    python speedrun.py --short --tag=-fast --preset fast --cuda-graph   # an ablation
+
+Flags this script does not know go to train.py, after the recipe (RECIPE below).
 
 The guidance scale is chosen on a validation set of random conditions (never on the benchmark
 files), and all seeds come from the one final checkpoint: no checkpoint or seed picking.
@@ -23,6 +26,11 @@ import torch
 import dataloader as dl
 
 ROOT = dl.ROOT
+# The speedrun's training recipe: train.py flags that come before the user's own (the last of a
+# repeated flag wins, so e.g. `--lr 1e-3` or `--no-lr-by-time` override them). Time-annealed
+# cosine LR: the schedule ends with the budget, whatever the step rate.
+RECIPE = ["--batch-size", "256", "--lr", "5e-4", "--lr-by-time", "--max-steps", "1000000",
+          "--warmup-steps", "300", "--log-every", "200", "--save-every", "2000"]
 
 
 def parse_args(argv=None):
@@ -53,6 +61,12 @@ def parse_args(argv=None):
     p.add_argument("--results-dir", default=str(ROOT / "results"))
     args, train_argv = p.parse_known_args(argv)
     return args, train_argv  # unknown flags go to train.py (e.g. --preset, --lr, --batch-size)
+
+
+def train_flags(run_name, minutes, device, train_argv):
+    """train.py's flags for a speedrun: the budget, then RECIPE, then the user's own."""
+    return ["--run-name", run_name, "--max-minutes", str(minutes), "--device", str(device),
+            *RECIPE, *train_argv]
 
 
 def versions():
@@ -105,8 +119,7 @@ def main(argv=None):
     # 2. Train for the budget. Extra flags pass through to train.py.
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    cfg = train.parse_args(["--run-name", run_name, "--max-minutes", str(minutes),
-                            "--device", str(args.device), *train_argv])
+    cfg = train.parse_args(train_flags(run_name, minutes, args.device, train_argv))
     t0 = time.time()
     run_dir = Path(train.train(cfg))
     train_seconds = time.time() - t0

@@ -55,7 +55,7 @@ stage() {  # stage SECONDS NAME COMMAND...: a stage that fails or overruns never
   pack
 }
 
-COMMON="--batch-size 256 --lr 5e-4 --lr-by-time --max-steps 1000000 --warmup-steps 300 --log-every 200"
+COMMON=""  # train flags added to speedrun.py's own recipe (the rehearsal's tiny sizes)
 EVAL_EVERY=500  # ablations log a learning curve: validation accuracy every 500 steps (off the clock)
 ablate() {  # ablate BUDGET_S EXTRA...: one short speedrun per ABLATIONS entry ("name:flags;...")
   local budget=$1; shift
@@ -79,12 +79,11 @@ if [ "${REHEARSE:-0}" = 1 ]; then
     --max-minutes 0.5 --batch-size 32
   has speedrun && stage 900 speedrun $PY speedrun.py --minutes 0.3 --ship --ddpm-baseline \
     --preset tiny --seeds 0 1 --val-conditions 8 --guidance-grid 1 2 --batch-size 8 \
-    --lr-by-time --max-steps 100000 --warmup-steps 5 --save-every 20 --log-every 5
+    --warmup-steps 5 --save-every 20 --log-every 5
   has bench && stage 300 bench $PY bench/bench_diffusion.py --preset tiny --baseline-images 1
   has variants && stage 300 variants $PY bench/bench_train_variants.py --preset tiny \
     --variants b256 "b128 graph" --warmup 1 --steps 1
-  COMMON="--batch-size 8 --lr 5e-4 --lr-by-time --max-steps 100000 --warmup-steps 5 --log-every 5
-          --eval-conditions 4 --eval-steps 2"
+  COMMON="--batch-size 8 --warmup-steps 5 --log-every 5 --eval-conditions 4 --eval-steps 2"
   EVAL_EVERY=10
   ABLATIONS=${ABLATIONS:-"base:--preset tiny;lr:--preset tiny --lr 1e-3"}
   has ablate && ablate 600 --minutes 0.2 --seeds 0 1 --val-conditions 8 --guidance-grid 1 2
@@ -106,8 +105,7 @@ if has speedrun; then
   SHIPPED+=(weights/ddpm)
   # shellcheck disable=SC2086
   stage $(python3 -c "print(int($MIN * 60 + 110))") speedrun \
-    $PY speedrun.py --minutes "$MIN" --ship --ddpm-baseline $COMMON --save-every 2000 \
-    ${SPEEDRUN_FLAGS:-}
+    $PY speedrun.py --minutes "$MIN" --ship --ddpm-baseline ${SPEEDRUN_FLAGS:-}
 fi
 has bench && stage 60 bench $PY bench/bench_diffusion.py --preset default --device cuda \
   --baseline-images 1 --train-steps 20

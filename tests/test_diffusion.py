@@ -225,6 +225,18 @@ def test_sample_defaults_come_from_the_checkpoint(runs, tmp_path, capsys):
     assert "dpm++ 25 steps, guidance 1.0" in capsys.readouterr().out  # saved steps: ddim's
 
 
+def test_speedrun_recipe_yields_to_user_flags():
+    import speedrun
+
+    args, rest = speedrun.parse_args(["--short", "--seeds", "0", "--lr", "1e-3", "--preset",
+                                      "fast", "--no-lr-by-time"])
+    assert args.short and args.seeds == [0] and rest == ["--lr", "1e-3", "--preset", "fast",
+                                                         "--no-lr-by-time"]
+    cfg = train.parse_args(speedrun.train_flags("r", 2.0, "cpu", rest))
+    assert (cfg.lr, cfg.preset, cfg.lr_by_time) == (1e-3, "fast", False)  # the user's
+    assert (cfg.batch_size, cfg.warmup_steps, cfg.max_minutes) == (256, 300, 2.0)  # the recipe's
+
+
 def test_nonfinite_loss_stops_cleanly(data, tmp_path):
     p = run("train.py", *TINY, *data, "--runs-dir", tmp_path, "--run-name", "nan",
             "--max-steps", 6, "--save-every", 1, "--lr", "1e30", "--warmup-steps", 0,
