@@ -92,8 +92,8 @@ fi
 
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv
 $PY -c "import torch, diffusers, accelerate; print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'accelerate', accelerate.__version__, torch.cuda.get_device_name())"
-# STAGES picks what runs (default: the first four); the judge is the fixed yardstick of every published
-# number, so an existing weights/judge/ is never retrained here.
+# STAGES picks what runs (default: the first four); the judge is the fixed yardstick of every
+# published number, so an existing weights/judge/ is never retrained here.
 STAGES=${STAGES:-"render judge speedrun bench"}
 MIN=${SPEEDRUN_MINUTES:-3.8}  # training budget; the whole call must stay under 10 minutes
 has render && stage 40 render $PY bench/bench_render.py --device cuda
