@@ -65,7 +65,7 @@ PRESETS = {
                   cross_attention_dim=128),
     # "default" at 4x4 space-to-depth (16x16 tokens of 48 values, attention at every level):
     # the same 15.4M params for 2.3 GFLOP/img, 3.4x fewer. The judge still reads renders
-    # squeezed to 24x24 and back (results/judge-resolution-cpu.json), so 16x16 tokens hold the
+    # squeezed to 24x24 and back (results/resolution-judge-cpu.json), so 16x16 tokens hold the
     # information it needs; the speedrun is short of training images, not of resolution.
     "fast": dict(conditioning="embed", pixel_shuffle=4, block_out_channels=(128, 160, 192),
                  down_block_types=(_AD, _AD, _AD), up_block_types=(_AU, _AU, _AU),

@@ -161,9 +161,9 @@ def _check(cfg):
         raise DataError(f"--cond-drop: expected a probability in [0, 1), got {cfg.cond_drop}")
     if cfg.cuda_graph and cfg.compile:
         raise DataError("--cuda-graph and --compile: pick one (the graph replays eager kernels)")
-    if cfg.cuda_graph and resolve_device(cfg.device).type != "cuda":
+    if cfg.cuda_graph and (device := resolve_device(cfg.device)).type != "cuda":
         raise DataError(f"--cuda-graph: needs a CUDA device (--device {cfg.device} resolves to "
-                        f"{resolve_device(cfg.device)})")
+                        f"{device})")
 
 
 # ---------------------------------------------------------------- helpers
@@ -246,38 +246,40 @@ class TrainStep:
     def __call__(self, x0, y, noise, t):
         """-> (loss, grad norm) as device tensors (no host sync)."""
         self.calls += 1
-        if not self.cuda_graph or self.graph is False:  # eager, or the capture failed
-            out = self._step(x0, y, noise, t)
-            self.optimizer.zero_grad(set_to_none=True)
-            return out
-        if self.calls <= self.WARMUP:
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                out = self._step(x0, y, noise, t)
-                self.optimizer.zero_grad(set_to_none=True)
-            torch.cuda.current_stream().wait_stream(side)
-            return out
-        if self.graph is None:  # capture records without running: the replay below steps
-            self.static = [v.clone() for v in (x0, y, noise, t)]
-            self.optimizer.zero_grad(set_to_none=True)  # grads are (re)written by the graph
-            self.graph = torch.cuda.CUDAGraph()
-            try:
-                with torch.cuda.graph(self.graph):
-                    self.static_out = self._step(*self.static)
-            except RuntimeError as e:  # nothing ran during the capture: step eagerly instead
-                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                print(f"warning: CUDA graph capture failed ({first[:200]}); continuing without "
-                      "it", flush=True)
-                self.graph = False
-                self.optimizer.zero_grad(set_to_none=True)
-                self.calls -= 1
-                return self(x0, y, noise, t)
-        else:
+        if self.cuda_graph and self.graph is None and self.calls > self.WARMUP:
+            self._capture(x0, y, noise, t)
+        if self.replaying:
             for dst, src in zip(self.static, (x0, y, noise, t)):
                 dst.copy_(src)
-        self.graph.replay()
-        return self.static_out
+            self.graph.replay()
+            return self.static_out
+        # Eager: every step without graphs; with them, the warm-up steps (on a side stream, as
+        # capture wants) and every step after a failed capture.
+        side = torch.cuda.Stream() if self.cuda_graph and self.graph is None else None
+        if side is not None:
+            side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # (a no-op for None)
+            out = self._step(x0, y, noise, t)
+            self.optimizer.zero_grad(set_to_none=True)
+        if side is not None:
+            torch.cuda.current_stream().wait_stream(side)
+        return out
+
+    def _capture(self, *batch):
+        """Record one step into self.graph (nothing runs: the caller's replay is the step); on
+        failure, one warning line and self.graph = False (eager from now on)."""
+        self.static = [v.clone() for v in batch]
+        self.optimizer.zero_grad(set_to_none=True)  # grads are (re)written by the graph
+        self.graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(self.graph):
+                self.static_out = self._step(*self.static)
+        except RuntimeError as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            print(f"warning: CUDA graph capture failed ({first[:200]}); continuing without it",
+                  flush=True)
+            self.graph = False
+            self.optimizer.zero_grad(set_to_none=True)
 
     @property
     def replaying(self):
@@ -287,10 +289,8 @@ class TrainStep:
     def optimizer_state(self):
         """optimizer.state_dict() with float learning rates, loadable with or without graphs."""
         state = self.optimizer.state_dict()
-        for g in state["param_groups"]:
-            for k in ("lr", "initial_lr"):
-                if isinstance(g.get(k), torch.Tensor):
-                    g[k] = float(g[k])
+        for g in state["param_groups"]:  # (initial_lr stays a float: the scheduler saw floats)
+            g["lr"] = float(g["lr"])
         return state
 
 
@@ -499,22 +499,23 @@ def train(cfg):
         state["good_ckpt"] = final
         acc.wait_for_everyone()
 
-    judge = {}
+    eval_cache = {}  # the judge and the conditions, loaded at the first eval
 
     def evaluate():
         if main:
-            if "model" not in judge:
-                judge["model"] = _load_judge(device)
-            if judge["model"] is not None:
+            if "model" not in eval_cache:  # the same conditions at every eval
+                eval_cache["model"] = _load_judge(device)
+                eval_cache["conds"] = encode_batch(validation_conditions(cfg.eval_conditions))
+            if eval_cache["model"] is not None:
                 from sample import generate
 
-                conds = encode_batch(validation_conditions(cfg.eval_conditions))
+                conds = eval_cache["conds"]
                 ema.copy_to(ema_net.parameters())
                 imgs = generate(ema_net, conds, sampler="dpm++", steps=cfg.eval_steps,
                                 guidance=cfg.eval_guidance, seed=0, batch_size=256,
                                 scheduler_config=noise_scheduler.config, progress=False)
                 imgs = to_float(to_uint8(imgs))  # score what a PNG would hold
-                score = float(judge["model"].eval(imgs, conds))
+                score = float(eval_cache["model"].eval(imgs, conds))
                 print(f"eval step {step}: validation accuracy {score:.4f} ({len(conds)} "
                       f"conditions, guidance {cfg.eval_guidance})", flush=True)
                 log({"step": step, "elapsed_s": time.time() - t_start, "eval_val_acc": score})

@@ -10,7 +10,7 @@ the preset is not the device's default). Random weights unless --checkpoint: tim
 depend on the weights.
 """
 import argparse
-import contextlib
+import copy
 import os
 import platform
 import shlex
@@ -32,7 +32,7 @@ from dataloader import (NUM_CLASSES, TEST_JSONS, encode_batch, load_conditions, 
 from model import (build_model, count_params, flops_per_image,  # noqa: E402
                    make_noise_scheduler)
 from sample import GUIDANCE, generate, load_model  # noqa: E402
-from train import diffusion_loss  # noqa: E402
+from bench_train_variants import make_step  # noqa: E402
 
 
 def _sync(device):
@@ -40,22 +40,14 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def _amp(device):
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 def bench_train(model, device, batch_size, warmup, steps):
-    """Optimizer steps per second on random data, the way train.py steps (bf16 on CUDA)."""
+    """Images/s of train.py's step and EMA update on random data (bf16 on CUDA), on a copy of
+    model: the sampling timings below keep the untouched original."""
     from diffusers.training_utils import EMAModel
 
-    model.train()
-    sched = make_noise_scheduler(prediction_type="v_prediction")
-    ac = sched.alphas_cumprod.to(device)
-    snr = ac / (1 - ac)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
-    ema = EMAModel(model.parameters(), decay=0.999, use_ema_warmup=True, foreach=True)
+    net = copy.deepcopy(model)
+    step = make_step(net, device)
+    ema = EMAModel(net.parameters(), decay=0.999, use_ema_warmup=True, foreach=True)
     g = torch.Generator(device=device).manual_seed(0)
     x0 = torch.rand(batch_size, 3, 64, 64, generator=g, device=device) * 2 - 1
     y = (torch.rand(batch_size, NUM_CLASSES, generator=g, device=device) < 0.08).float()
@@ -63,17 +55,10 @@ def bench_train(model, device, batch_size, warmup, steps):
         if i == warmup:
             _sync(device)
             t0 = time.perf_counter()
-        noise = torch.randn(x0.shape, generator=g, device=device)
-        t = torch.randint(0, 1000, (batch_size,), generator=g, device=device)
-        with _amp(device):
-            loss = diffusion_loss(model, sched, x0, y, noise, t, snr, 5.0)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        ema.step(model.parameters())
+        step(x0, y, torch.randn(x0.shape, generator=g, device=device),
+             torch.randint(0, 1000, (batch_size,), generator=g, device=device))
+        ema.step(net.parameters())
     _sync(device)
-    model.eval()
     return steps * batch_size / (time.perf_counter() - t0)
 
 

@@ -1,7 +1,7 @@
 """How much detail the judge needs: its accuracy on renders of the 64 benchmark conditions after
 a Gaussian blur, and after squeezing to a lower resolution and back to 64x64.
 
-    python bench/bench_judge_resolution.py     # -> results/judge-resolution-<device>.json
+    python bench/bench_judge_resolution.py     # -> results/resolution-judge-<device>.json
 
 If the judge still reads the squeezed renders, a generator that gets the objects right at that
 resolution scores as well as a sharp one: what it lacks is the right objects, not fine detail.
@@ -52,7 +52,7 @@ def main():
     print(f"{'renders of the benchmark conditions':40s} accuracy")
     for what, acc in rows.items():
         print(f"{what:40s} {acc:.4f}")
-    out = ROOT / "results" / f"judge-resolution-{device_tag(device)}.json"
+    out = ROOT / "results" / f"resolution-judge-{device_tag(device)}.json"
     write_json(out, {"bench": "judge resolution", "device": str(device), "images": len(x),
                      "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
                      "accuracy": {k: round(v, 4) for k, v in rows.items()}})

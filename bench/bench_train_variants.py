@@ -34,14 +34,14 @@ VARIANTS = {  # name: (batch size, channels_last, compile, CUDA graph)
 }
 
 
-def make_step(preset, device, channels_last=False, compile_=False, graph=False):
-    """train.py's TrainStep (loss, backward, clip, fused AdamW) on a fresh seed-0 model."""
+def make_step(net, device, channels_last=False, compile_=False, graph=False):
+    """train.py's TrainStep (loss, backward, clip, fused AdamW, as train.py builds them) for net.
+    Eager steps go through accelerate.prepare, which patches net's forward: pass a copy of a
+    model that is used for anything else afterwards."""
     cuda = device.type == "cuda"
     acc = Accelerator(cpu=not cuda, mixed_precision="bf16" if cuda else "no")
-    torch.manual_seed(0)
-    net = build_model(preset).to(device).train()
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    net = net.to(memory_format=fmt)
+    net = net.to(device, memory_format=fmt).train()
     opt = torch.optim.AdamW(net.parameters(), lr=1e-4, fused=cuda, capturable=graph)
     model, opt = (net, opt) if graph else acc.prepare(net, opt)
     model = torch.compile(model) if compile_ else model
@@ -50,9 +50,14 @@ def make_step(preset, device, channels_last=False, compile_=False, graph=False):
     return TrainStep(acc, model, opt, sched, ac / (1 - ac), 5.0, 1.0, cuda_graph=graph)
 
 
+def seed0_model(preset):
+    torch.manual_seed(0)
+    return build_model(preset)
+
+
 def check_graph(preset, device, batch=64, steps=8):
     """Eager and CUDA-graph steps from the same init on the same batches -> both loss curves
-    (equal up to bf16 kernel nondeterminism; the replays are steps WARMUP + 2 onwards)."""
+    (equal up to bf16 kernel nondeterminism; the replays are steps WARMUP + 1 onwards)."""
     g = torch.Generator(device=device).manual_seed(0)
     x0 = torch.rand(batch, 3, 64, 64, generator=g, device=device) * 2 - 1
     y = (torch.rand(batch, 24, generator=g, device=device) < 0.1).float()
@@ -61,7 +66,7 @@ def check_graph(preset, device, batch=64, steps=8):
                for _ in range(steps)]
     curves = {}
     for graph in (False, True):
-        step = make_step(preset, device, graph=graph)
+        step = make_step(seed0_model(preset), device, graph=graph)
         curves["graph" if graph else "eager"] = [float(step(x0, y, n, t)[0]) for n, t in batches]
     curves["replayed"] = step.replaying  # False: the capture failed and it ran eagerly
     return curves
@@ -69,7 +74,7 @@ def check_graph(preset, device, batch=64, steps=8):
 
 def bench(preset, device, batch, channels_last, compile_, graph, warmup, steps):
     """Images/s of train.py's TrainStep on random data, and the warm-up seconds."""
-    step = make_step(preset, device, channels_last, compile_, graph)
+    step = make_step(seed0_model(preset), device, channels_last, compile_, graph)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     x0 = torch.randn(batch, 3, 64, 64, device=device).contiguous(memory_format=fmt)
     y = (torch.rand(batch, 24, device=device) < 0.1).float()

@@ -77,14 +77,14 @@ def judge_table():
     row(*["---"] * 8)
     for path in sorted(RESULTS.glob("judge-*.json")):
         r = json.loads(path.read_text())
-        for split, m in r.get("metrics", {}).items():  # (judge-resolution-* has none)
+        for split, m in r["metrics"].items():
             row(r["device"], r["images_seen"], r["train_seconds"], split, m["images"],
                 f"{m['accuracy']:.4f}", f"{m['exact_topk']:.4f}", f"`results/{path.name}`")
     print()
 
 
 def judge_resolution_table():
-    for path in sorted(RESULTS.glob("judge-resolution-*.json")):
+    for path in sorted(RESULTS.glob("resolution-judge-*.json")):
         r = json.loads(path.read_text())
         print(f"### How much detail the judge needs (`bench/bench_judge_resolution.py`), "
               f"{r['images']} renders of the benchmark conditions\n")
