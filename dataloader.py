@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
@@ -219,6 +220,33 @@ def to_uint8(images):
     return images.add(1.0).mul(127.5).round().clamp(0, 255).to(torch.uint8)
 
 
+def _median_1d(x, k, dim):
+    """Running median of window k along dim 2 or 3 of (B, C, H, W), edges replicated."""
+    pad = (k // 2, k // 2, 0, 0) if dim == 3 else (0, 0, k // 2, k // 2)
+    return F.pad(x, pad, mode="replicate").unfold(dim, k, 1).median(-1).values
+
+
+def foreground_masks(images, window=21, threshold=10, grow=1, chunk=256):
+    """Where the objects are: uint8 images (N, 3, H, W) -> bool masks (N, 1, H, W).
+
+    i-CLEVR objects are small (4-10 px at 64x64) on a smooth floor and backdrop, so a running
+    median over more than twice an object's size (a row pass, then a column pass) is the image
+    without its objects. Pixels that differ from it by more than threshold (of 255) on any
+    channel, grown by grow px, are objects, with a thin margin and the odd specular highlight:
+    about 3% of a 1-object image, 8% of a 3-object one (the synthetic set). Needs no labels
+    and no renderer, so the lab's real images work too.
+    """
+    out = []
+    for x in images.split(chunk):
+        x = x.float()
+        background = _median_1d(_median_1d(x, window, 3), window, 2)
+        m = ((x - background).abs().amax(1, keepdim=True) > threshold).float()
+        if grow:
+            m = F.max_pool2d(m, 2 * grow + 1, stride=1, padding=grow)
+        out.append(m.bool())
+    return torch.cat(out) if out else torch.zeros(0, 1, *images.shape[2:], dtype=torch.bool)
+
+
 class ICLEVRDataset(Dataset):
     """Images of a spec file under root, as (image in [-1, 1] (3, 64, 64), multi-hot (24,)).
 
@@ -276,6 +304,15 @@ def resolve_device(device="auto"):
             return torch.device("mps")
         return torch.device("cpu")
     return torch.device(device)
+
+
+def speed_up_cuda(device):
+    """On CUDA: TF32 for float32 matmuls and convolutions, and cuDNN autotuning (training and
+    sampling shapes are fixed, so each shape is searched once). A no-op elsewhere."""
+    if torch.device(device).type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
 
 
 def device_tag(device):

@@ -11,6 +11,7 @@ comparable across runs that score the same condition files.
 import argparse
 import json
 import re
+import shlex
 import sys
 from collections import Counter
 from pathlib import Path
@@ -20,7 +21,7 @@ from PIL import Image
 
 from dataloader import (IMAGE_SIZE, ROOT, TEST_JSONS, DataError, _rel, encode_batch,
                         load_conditions, load_image, run_cli, write_json)
-from evaluator import evaluation_model, frechet_distance, per_image
+from evaluator import evaluation_model, frechet_distance, miss_kinds, per_image
 
 FD_RENDERS, FD_SEED = 16, 0
 _REFERENCES = {}  # rendered reference images, reused across calls (speedrun scores repeatedly)
@@ -87,13 +88,14 @@ def fd_against_renders(judge, images, conditions, per_condition=FD_RENDERS, seed
 
 def score_folder(judge, folder, conditions_path, fd=False, fd_renders=FD_RENDERS):
     """Score <folder>/<i>.png against condition i of conditions_path -> JSON-ready dict
-    (accuracy, correct, total, per_image and, with fd=True, fd)."""
+    (accuracy, correct, total, misses (miss_kinds), per_image and, with fd=True, fd)."""
     conditions = load_conditions(conditions_path)
     images = load_folder(folder, len(conditions))
     rows = per_image(judge.scores(images), encode_batch(conditions, _rel(conditions_path)))
     correct, total = sum(r["correct"] for r in rows), sum(r["total"] for r in rows)
     result = {"conditions": _rel(conditions_path), "folder": _rel(folder),
-              "accuracy": correct / total, "correct": correct, "total": total}
+              "accuracy": correct / total, "correct": correct, "total": total,
+              "misses": miss_kinds(rows)}
     if fd:
         result["fd"] = fd_against_renders(judge, images, conditions, fd_renders)
     return {**result, "per_image": rows}
@@ -124,7 +126,11 @@ def main(argv=None):
     for cond in map(Path, args.conditions):
         res = score_folder(judge, Path(args.images) / cond.stem, cond, args.fd, args.fd_renders)
         fd = f"  fd {res['fd']:.2f}" if "fd" in res else ""
-        print(f"{cond.name}: accuracy {res['accuracy']:.4f} ({res['correct']}/{res['total']}){fd}")
+        m = res["misses"]
+        why = (f" | missed {m['missed']}: {m['wrong_shape']} wrong shape, {m['wrong_color']} "
+               f"wrong color, {m['neither']} neither") if m["missed"] else ""
+        print(f"{cond.name}: accuracy {res['accuracy']:.4f} ({res['correct']}/{res['total']})"
+              f"{fd}{why}")
         if args.per_image:
             for i, r in enumerate(res["per_image"]):
                 wrong = "".join(f" | {what} {', '.join(r[what])}" for what in ("missing", "extra")
@@ -132,7 +138,9 @@ def main(argv=None):
                 print(f"  {i:3d}: {r['correct']}/{r['total']} {', '.join(r['labels'])}{wrong}")
         files[cond.name] = res
     if args.json:
-        write_json(args.json, {"checkpoint": _rel(judge.checkpoint),
+        command = " ".join(shlex.quote(a) for a in
+                           ["python", "evaluate.py", *(sys.argv[1:] if argv is None else argv)])
+        write_json(args.json, {"command": command, "checkpoint": _rel(judge.checkpoint),
                                "device": str(judge.device), "files": files})
 
 

@@ -98,6 +98,26 @@ def per_image(out, onehot_labels):
     return rows
 
 
+def miss_kinds(rows):
+    """What the missed objects of per_image rows became: each missing label is paired with an
+    extra one of the same image (the judge's top-k has k labels, so they are as many), first by
+    color ("wrong_shape": right color, wrong shape), then by shape ("wrong_color"); the rest
+    share neither ("neither": a wrong object, or one the judge could not see)."""
+    kinds = {"missed": 0, "wrong_shape": 0, "wrong_color": 0, "neither": 0}
+    for r in rows:
+        missing, extra = list(r["missing"]), list(r["extra"])
+        kinds["missed"] += len(missing)
+        for word, kind in ((0, "wrong_shape"), (1, "wrong_color")):  # names are "color shape"
+            for m in list(missing):
+                same = [e for e in extra if e.split()[word] == m.split()[word]]
+                if same:
+                    missing.remove(m)
+                    extra.remove(same[0])
+                    kinds[kind] += 1
+        kinds["neither"] += len(missing)
+    return kinds
+
+
 # ---------------------------------------------------------------- image quality
 
 def frechet_distance(feats_a, feats_b):

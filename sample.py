@@ -30,7 +30,7 @@ from tqdm import tqdm  # noqa: E402
 
 from dataloader import (ROOT, TEST_JSONS, DataError, _rel, encode, encode_batch,  # noqa: E402
                         load_conditions, load_json, parse_labels, resolve_device, run_cli,
-                        to_uint8)
+                        speed_up_cuda, to_uint8)
 from model import (EMA_DIR, MODEL_DIR, RUNS_DIR, SCHEDULER_DIR, WEIGHTS_DIR,  # noqa: E402
                    derive_seed, is_weights_dir, list_checkpoints, load_weights,
                    resolve_checkpoint)
@@ -244,6 +244,7 @@ def main(argv=None):
     conditions = {} if custom else {p: load_conditions(p) for p in args.conditions}
 
     device = resolve_device(args.device)
+    speed_up_cuda(device)  # as in training, so standalone and in-run (speedrun.py) sampling agree
     ckpt = resolve_checkpoint(args.checkpoint) if args.checkpoint else default_checkpoint()
     model, sched_cfg = load_model(ckpt, device, ema=not args.no_ema)
     # Defaults the checkpoint was scored with (speedrun.py writes them beside shipped weights).

@@ -18,6 +18,7 @@ import platform
 import shlex
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -89,7 +90,7 @@ def main(argv=None):
     import evaluate
     import sample
     import train
-    from evaluator import evaluation_model
+    from evaluator import evaluation_model, miss_kinds
 
     device = dl.resolve_device(args.device)
     dev = dl.device_tag(device)
@@ -185,13 +186,17 @@ def main(argv=None):
     # 4. Five seeds x both benchmark files, from the one final EMA checkpoint.
     files = {p.stem: dl.load_conditions(p) for p in dl.TEST_JSONS}
     acc = {k: [] for k in files}
+    misses = {k: Counter() for k in files}  # what the missed objects became, over all seeds
     seconds, generated = [], {k: [] for k in files}
     for seed in args.seeds:
         t_seed = 0.0
         for name, conds in files.items():
             images, labels, dt = generate(conds, seed, guidance)
             t_seed += dt
-            acc[name].append(round(judge.eval(images, labels), 4))
+            rows = judge.details(images, labels)
+            acc[name].append(round(sum(r["correct"] for r in rows)
+                                   / sum(r["total"] for r in rows), 4))
+            misses[name].update(miss_kinds(rows))
             generated[name].append(images)
         seconds.append(round(t_seed, 3))
         print(f"seed {seed}: " + "  ".join(f"{k} {v[-1]:.4f}" for k, v in acc.items())
@@ -200,6 +205,7 @@ def main(argv=None):
     result["accuracy_mean"] = {k: round(float(np.mean(v)), 4) for k, v in acc.items()}
     result["accuracy_std"] = {k: round(float(np.std(v)), 4) for k, v in acc.items()}
     result["sampling_seconds_both_files"] = seconds
+    result["misses_all_seeds"] = {k: dict(v) for k, v in misses.items()}
     save()
     # FD of all seeds' images of a file against evaluate.py's fixed renders of that file
     result["fd"] = {k: round(evaluate.fd_against_renders(judge, torch.cat(v), files[k]), 3)

@@ -30,13 +30,14 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 
 from dataloader import (DATA_ROOT, TRAIN_JSON, DataError, ICLEVRDataset, _rel, encode_batch,
-                        resolve_device, run_cli, to_float, to_uint8, validation_conditions,
-                        write_json)
+                        foreground_masks, resolve_device, run_cli, speed_up_cuda, to_float,
+                        to_uint8, validation_conditions, write_json)
 from model import (EMA_DIR, MODEL_DIR, PRESETS, RUNS_DIR, SCHEDULER_DIR, build_model,
                    count_params, derive_seed, list_checkpoints, load_weights,
                    make_noise_scheduler, resolve_checkpoint)
 
-STATE_FILE = "train_state.pt"  # optimizer, LR schedule, step, EMA step (torch.load weights_only)
+# optimizer, LR schedule, step, EMA step and training seconds (torch.load weights_only)
+STATE_FILE = "train_state.pt"
 
 
 def _opt(default, help, **kw):
@@ -58,10 +59,13 @@ class TrainConfig:
                                 choices=["epsilon", "v_prediction"])
     snr_gamma: float = _opt(5.0, "min-SNR-gamma loss weighting (0 = plain MSE)")
     cond_drop: float = _opt(0.1, "probability of training a sample unconditionally (for CFG)")
+    fg_weight: float = _opt(1.0, "loss weight of object pixels (dataloader.foreground_masks: "
+                                 "2-7%% of an image) against background ones; 1 = plain MSE")
     # optimization
     max_steps: int = _opt(20000, "stop after this many optimizer steps")
-    max_minutes: float = _opt(0.0, "wall-clock budget of the training loop (0 = none); "
-                                   "stops cleanly and saves")
+    max_minutes: float = _opt(0.0, "wall-clock budget of the run's training loop (0 = none; "
+                                   "a resumed run counts its earlier time); stops cleanly and "
+                                   "saves")
     batch_size: int = _opt(128, "images per step and process")
     lr: float = _opt(3e-4, "peak learning rate (AdamW)")
     lr_schedule: str = _opt("cosine", "LR schedule after warmup (diffusers get_scheduler name)",
@@ -157,6 +161,8 @@ def _check(cfg):
         if getattr(cfg, name) < 1:
             raise DataError(f"--{name.replace('_', '-')}: expected a positive number, "
                             f"got {getattr(cfg, name)}")
+    if not cfg.fg_weight > 0:
+        raise DataError(f"--fg-weight: expected a positive weight, got {cfg.fg_weight}")
     if not 0.0 <= cfg.cond_drop < 1.0:
         raise DataError(f"--cond-drop: expected a probability in [0, 1), got {cfg.cond_drop}")
     if cfg.cuda_graph and cfg.compile:
@@ -168,15 +174,21 @@ def _check(cfg):
 
 # ---------------------------------------------------------------- helpers
 
-def diffusion_loss(model, noise_scheduler, x0, y, noise, t, snr=None, snr_gamma=0.0):
-    """MSE to the noise (epsilon) or to v, optionally min-SNR-gamma weighted per sample."""
+def diffusion_loss(model, noise_scheduler, x0, y, noise, t, snr=None, snr_gamma=0.0,
+                   weight=None):
+    """MSE to the noise (epsilon) or to v, optionally min-SNR-gamma weighted per sample. weight
+    (B, 1, H, W) makes each sample's MSE a weighted mean over its pixels (--fg-weight)."""
     x_t = noise_scheduler.add_noise(x0, noise, t)
     if noise_scheduler.config.prediction_type == "epsilon":
         target = noise
     else:
         target = noise_scheduler.get_velocity(x0, noise, t)
     pred = model(x_t, t, y).float()
-    loss = F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3))
+    err = F.mse_loss(pred, target, reduction="none")
+    if weight is None:
+        loss = err.mean(dim=(1, 2, 3))
+    else:
+        loss = (err * weight).mean(dim=(1, 2, 3)) / weight.mean(dim=(1, 2, 3))
     if snr_gamma > 0:  # Hang et al. 2023: weight min(SNR, gamma) / SNR (eps) or / (SNR + 1) (v)
         s = snr[t]
         w = s.clamp(max=snr_gamma)
@@ -228,8 +240,9 @@ class TrainStep:
                 self.lr.fill_(float(g["lr"]))
                 g["lr"] = self.lr
 
-    def _step(self, x0, y, noise, t):
-        args = (self.model, self.noise_scheduler, x0, y, noise, t, self.snr, self.snr_gamma)
+    def _step(self, x0, y, noise, t, weight=None):
+        args = (self.model, self.noise_scheduler, x0, y, noise, t, self.snr, self.snr_gamma,
+                weight)
         if self.cuda_graph:  # no Accelerate wrappers: autocast without its weight cache, which
             # must not outlive a capture
             with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
@@ -243,13 +256,14 @@ class TrainStep:
         self.optimizer.step()
         return loss.detach(), grad_norm
 
-    def __call__(self, x0, y, noise, t):
-        """-> (loss, grad norm) as device tensors (no host sync)."""
+    def __call__(self, *batch):
+        """batch = (x0, y, noise, t[, weight]), the same fields at every call -> (loss, grad
+        norm) as device tensors (no host sync)."""
         self.calls += 1
         if self.cuda_graph and self.graph is None and self.calls > self.WARMUP:
-            self._capture(x0, y, noise, t)
+            self._capture(*batch)
         if self.replaying:
-            for dst, src in zip(self.static, (x0, y, noise, t)):
+            for dst, src in zip(self.static, batch, strict=True):
                 dst.copy_(src)
             self.graph.replay()
             return self.static_out
@@ -259,7 +273,7 @@ class TrainStep:
         if side is not None:
             side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # (a no-op for None)
-            out = self._step(x0, y, noise, t)
+            out = self._step(*batch)
             self.optimizer.zero_grad(set_to_none=True)
         if side is not None:
             torch.cuda.current_stream().wait_stream(side)
@@ -377,9 +391,7 @@ def train(cfg):
     acc = Accelerator(cpu=device_kind == "cpu", mixed_precision=mp)
     device, rank, world = acc.device, acc.process_index, acc.num_processes
     main = acc.is_main_process
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    speed_up_cuda(device)
     if cfg.resume and ckpt is None:
         acc.print(f"--resume {cfg.resume}: no checkpoint found, starting a new run")
     if run_dir is None:
@@ -398,6 +410,7 @@ def train(cfg):
     images, labels = ds.images.to(device), ds.labels.to(device)
     n_images = len(ds)
     del ds
+    fg = foreground_masks(images) if cfg.fg_weight != 1 else None  # (N, 1, 64, 64) bool
 
     # Model (a resumed run keeps its checkpoint's architecture), EMA, optimizer, schedule.
     # ema_net is a plain contiguous copy that the EMA weights (and, for saving, the raw weights)
@@ -427,12 +440,13 @@ def train(cfg):
         model = torch.compile(model)
     gen = torch.Generator(device=device).manual_seed(derive_seed(cfg.seed, rank))
 
-    step = 0
+    step, train_s = 0, 0.0  # optimizer steps and training seconds so far
     if ckpt:
         saved = torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=True)
         _load_optimizer(optimizer, saved["optimizer"])
         lr_sched.load_state_dict(saved["lr_scheduler"])
         step, ema.optimization_step = saved["step"], saved["ema_step"]
+        train_s = saved.get("train_seconds", 0.0)  # the budget and --lr-by-time go on from it
         rng = ckpt / f"rng-{rank}.pt"
         if rng.is_file():
             _set_rng_state(gen, torch.load(rng, weights_only=True))
@@ -486,7 +500,8 @@ def train(cfg):
             noise_scheduler.save_config(tmp / SCHEDULER_DIR)
             torch.save({"optimizer": train_step.optimizer_state(),
                         "lr_scheduler": lr_sched.state_dict(),
-                        "step": step, "ema_step": ema.optimization_step}, tmp / STATE_FILE)
+                        "step": step, "ema_step": ema.optimization_step,
+                        "train_seconds": time.time() - t_start}, tmp / STATE_FILE)
         acc.wait_for_everyone()
         if main:
             if final.exists():
@@ -522,7 +537,8 @@ def train(cfg):
         acc.wait_for_everyone()
 
     stop = _StopFlag()
-    t_start = t_last = time.time()
+    t_last = time.time()
+    t_start = t_last - train_s  # elapsed training time = now - t_start (evals excluded)
     last_step = step
     with stop:
         while step < cfg.max_steps:
@@ -538,7 +554,10 @@ def train(cfg):
             drop = torch.rand(cfg.batch_size, generator=gen, device=device) < cfg.cond_drop
             y = y.masked_fill(drop[:, None], 0.0)  # all-zero = "no condition" (CFG)
 
-            loss, grad_norm = train_step(x0, y, noise, t)
+            batch = (x0, y, noise, t)
+            if fg is not None:  # object pixels weigh fg_weight, background ones 1
+                batch += (1 + (cfg.fg_weight - 1) * fg[idx].float(),)
+            loss, grad_norm = train_step(*batch)
             lr_sched.step()
             if cfg.lr_by_time and cfg.max_minutes:  # overrides the step-based schedule
                 for g in optimizer.param_groups:

@@ -30,7 +30,7 @@ import torchvision
 from torchvision.transforms.v2.functional import gaussian_blur
 
 import dataloader
-from dataloader import ROOT, DataError, device_tag, resolve_device, to_float
+from dataloader import ROOT, DataError, device_tag, resolve_device, speed_up_cuda, to_float
 from evaluate import reference_renders
 from evaluator import build_judge, evaluation_model, save_judge, topk_hits, trunk, write_meta
 
@@ -250,8 +250,7 @@ def main(argv=None):
     bf16 = device.type == "cuda" and cfg.precision != "fp32"
     if cfg.precision == "bf16" and device.type != "cuda":
         print(f"note: --precision bf16 is used on cuda only; training in fp32 on {device.type}")
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick the fastest kernels
+    speed_up_cuda(device)
     out = Path(cfg.out)
     results_path = Path(cfg.results or ROOT / "results" / f"judge-{device_tag(device)}.json")
     log_path = Path(cfg.log)

@@ -28,7 +28,7 @@ import accelerate  # noqa: E402
 import diffusers  # noqa: E402
 
 from dataloader import (NUM_CLASSES, TEST_JSONS, encode_batch, load_conditions,  # noqa: E402
-                        device_tag, resolve_device, run_cli, write_json)
+                        device_tag, resolve_device, run_cli, speed_up_cuda, write_json)
 from model import (build_model, count_params, flops_per_image,  # noqa: E402
                    make_noise_scheduler)
 from sample import GUIDANCE, generate, load_model  # noqa: E402
@@ -87,9 +87,7 @@ def main():
     args = ap.parse_args()
     device = resolve_device(args.device)
     gpu = device.type == "cuda"
-    if gpu:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    speed_up_cuda(device)
     default_preset = "default" if gpu else "tiny"
     preset = args.preset or default_preset
     batch = args.batch_size or (128 if gpu else 8)

@@ -19,7 +19,7 @@ import torch  # noqa: E402
 from accelerate import Accelerator  # noqa: E402
 
 from dataloader import (ROOT, DataError, device_tag, resolve_device, run_cli,  # noqa: E402
-                        write_json)
+                        speed_up_cuda, write_json)
 from model import build_model, make_noise_scheduler  # noqa: E402
 from train import TrainStep  # noqa: E402
 
@@ -31,6 +31,9 @@ VARIANTS = {  # name: (batch size, channels_last, compile, CUDA graph)
     "b256 graph": (256, False, False, True),
     "b512 graph": (512, False, False, True),
     "b256 compile": (256, False, True, False),
+    # compiled (fused) kernels, replayed by train.py's own graph: does compiling pay back its
+    # compile time once launches are gone? (train.py refuses the pair until this says yes)
+    "b256 compile graph": (256, False, True, True),
 }
 
 
@@ -102,8 +105,7 @@ def main():
     ap.add_argument("--steps", type=int, default=30)
     args = ap.parse_args()
     device = resolve_device(args.device)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    speed_up_cuda(device)
     out = ROOT / "results" / f"train-variants-{args.preset}-{device_tag(device)}.json"
     res = {"bench": "train variants", "preset": args.preset,
            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",

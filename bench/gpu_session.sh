@@ -10,7 +10,8 @@
 # What it made is packed into $OUT as pack.tgz.NN (15 MB parts) after every stage (a call killed
 # at its limit still returns what finished); unpack here with  cat pack.tgz.* | tar xzf -
 # Environment: STAGES (default "render judge speedrun bench"), SPEEDRUN_MINUTES (3.8),
-# SPEEDRUN_FLAGS (extra train flags of the speedrun stage), ABLATIONS ("name:flags;name:flags").
+# SPEEDRUN_FLAGS (extra train flags of the speedrun stage), ABLATIONS ("name:flags;name:flags"),
+# VARIANTS (bench_train_variants.py names, "b256;b256 graph").
 # REHEARSE=1 runs the same stages with tiny sizes on the CPU, to catch mistakes before the lease.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -81,11 +82,12 @@ if [ "${REHEARSE:-0}" = 1 ]; then
     --preset tiny --seeds 0 1 --val-conditions 8 --guidance-grid 1 2 --batch-size 8 \
     --warmup-steps 5 --save-every 20 --log-every 5
   has bench && stage 300 bench $PY bench/bench_diffusion.py --preset tiny --baseline-images 1
+  IFS=';' read -ra variants <<< "${VARIANTS:-b256;b128 graph}"
   has variants && stage 300 variants $PY bench/bench_train_variants.py --preset tiny \
-    --variants b256 "b128 graph" --warmup 1 --steps 1
+    --variants "${variants[@]}" --warmup 1 --steps 1
   COMMON="--batch-size 8 --warmup-steps 5 --log-every 5 --eval-conditions 4 --eval-steps 2"
   EVAL_EVERY=10
-  ABLATIONS=${ABLATIONS:-"base:--preset tiny;lr:--preset tiny --lr 1e-3"}
+  ABLATIONS=${ABLATIONS:-"base:--preset tiny;fgw:--preset tiny --fg-weight 10"}
   has ablate && ablate 600 --minutes 0.2 --seeds 0 1 --val-conditions 8 --guidance-grid 1 2
   exit 0
 fi
@@ -109,12 +111,13 @@ if has speedrun; then
 fi
 has bench && stage 60 bench $PY bench/bench_diffusion.py --preset default --device cuda \
   --baseline-images 1 --train-steps 20
+IFS=';' read -ra variants <<< "${VARIANTS:-b256;b256 graph;b128 graph;b512 graph}"
 has variants && stage 120 variants $PY bench/bench_train_variants.py --device cuda --steps 20 \
-  --variants b256 "b256 graph" "b128 graph"
+  --variants "${variants[@]}"
 # Default ablations, all with CUDA graphs (a capture that fails falls back to eager steps and
-# says so in the results file): the current recipe, the 4x cheaper "fast" preset, and
-# cross-attention. About 165 s each (a smaller guidance sweep than the full speedrun's); a stage
-# is cut at 200 s, and the tool returns the packs of the stages that finished even when the call
-# hits its limit.
-ABLATIONS=${ABLATIONS:-"base:--cuda-graph;fast:--cuda-graph --preset fast;xattn:--cuda-graph --preset xattn"}
+# says so in the results file): the current recipe, object pixels weighing 10x in the loss, and
+# the 4x cheaper "fast" preset. About 165 s each (a smaller guidance sweep than the full
+# speedrun's); a stage is cut at 200 s, and the tool returns the packs of the stages that
+# finished even when the call hits its limit.
+ABLATIONS=${ABLATIONS:-"base:--cuda-graph;fgw:--cuda-graph --fg-weight 10;fast:--cuda-graph --preset fast"}
 has ablate && ablate 200 --guidance-grid 2 3 4 --val-conditions 128

@@ -14,11 +14,20 @@ def row(*cells):
     print("| " + " | ".join(str(c) for c in cells) + " |")
 
 
+def misses(r):
+    """'shape / color / neither' counts of the missed objects, both files, all seeds."""
+    m = r.get("misses_all_seeds")
+    if not m:
+        return ""
+    return " / ".join(str(sum(f[k] for f in m.values()))
+                      for k in ("wrong_shape", "wrong_color", "neither"))
+
+
 def speedrun_table():
     print("### Speedrun (`speedrun.py`), accuracy by the shipped judge, 5 seeds, one checkpoint\n")
     row("device", "training", "images/s", "sampler", "guidance", "test.json", "new_test.json",
-        "FD test / new_test", "file")
-    row(*["---"] * 9)
+        "FD test / new_test", "misses: wrong shape / wrong color / neither", "file")
+    row(*["---"] * 10)
     for path in sorted(RESULTS.glob("speedrun-*.json")):
         r = json.loads(path.read_text())
         if "accuracy_mean" not in r or "-short" in path.name:
@@ -28,32 +37,37 @@ def speedrun_table():
             f"{r['train_images_per_s']:.0f}", f"{r['sampler']} {r['sampler_steps']}",
             r["guidance"], f"{m['test']:.4f} ± {s['test']:.4f}",
             f"{m['new_test']:.4f} ± {s['new_test']:.4f}",
-            f"{r['fd']['test']:.0f} / {r['fd']['new_test']:.0f}", f"`results/{path.name}`")
+            f"{r['fd']['test']:.0f} / {r['fd']['new_test']:.0f}", misses(r),
+            f"`results/{path.name}`")
         if "ddpm1000_no_guidance_seed0" in r:
             d = r["ddpm1000_no_guidance_seed0"]
             row(r["device"], "same checkpoint", "", "ddpm 1000", 1.0, f"{d['test']:.4f} (seed 0)",
-                f"{d['new_test']:.4f} (seed 0)", "", f"`results/{path.name}`")
+                f"{d['new_test']:.4f} (seed 0)", "", "", f"`results/{path.name}`")
     print()
 
 
 # The recipe knobs an ablation row names, when they differ from the first row's.
-KNOBS = {"preset": "preset", "prediction_type": "prediction", "snr_gamma": "min-SNR",
+KNOBS = {"preset": "preset", "fg_weight": "object weight", "prediction_type": "prediction",
+         "snr_gamma": "min-SNR",
          "lr": "lr", "batch_size": "batch", "ema_decay": "EMA", "cond_drop": "cond drop",
          "cuda_graph": "CUDA graph", "channels_last": "channels_last", "compile": "compile",
          "mixed_precision": "precision"}
 
 
 def ablation_table():
-    """One row per short speedrun (speedrun.py --short --tag=-NAME): same budget, one change."""
+    """One row per short speedrun (speedrun.py --short --tag=-NAME): same budget; the change
+    column lists how each run's recipe differs from the reference run (tag -base)."""
     rows = [(p, json.loads(p.read_text())) for p in sorted(RESULTS.glob("speedrun-*-short*.json"))]
     rows = [(p, r) for p, r in rows if "accuracy_mean" in r]
     if not rows:
         return
+    rows.sort(key=lambda pr: not pr[0].stem.endswith("-base"))  # the reference ("base") first
     seeds = len(rows[0][1]["accuracy"]["test"])
     print(f"### Ablations: short speedruns (`speedrun.py --short`), {seeds} seeds each\n")
     row("run", "change", "steps", "images/s", "guidance", "test.json", "new_test.json",
-        "FD test / new_test", "validation accuracy during training", "file")
-    row(*["---"] * 10)
+        "FD test / new_test", "misses: shape / color / neither",
+        "validation accuracy during training", "file")
+    row(*["---"] * 11)
     base = rows[0][1]["train_config"]
     for path, r in rows:
         cfg = r["train_config"]
@@ -65,7 +79,7 @@ def ablation_table():
         name = path.stem.split("-short", 1)[1].lstrip("-") or "short"
         row(name, change, r["steps"], f"{r['train_images_per_s']:.0f}", r["guidance"],
             f"{m['test']:.4f} ± {s['test']:.4f}", f"{m['new_test']:.4f} ± {s['new_test']:.4f}",
-            f"{r['fd']['test']:.0f} / {r['fd']['new_test']:.0f}",
+            f"{r['fd']['test']:.0f} / {r['fd']['new_test']:.0f}", misses(r),
             " ".join(f"{c['val_accuracy']:.2f}@{c['step']}" for c in r.get("learning_curve", [])),
             f"`results/{path.name}`")
     print()

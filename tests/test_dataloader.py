@@ -144,3 +144,23 @@ def test_bad_spec_files(tmp_path, content, message):
 def test_synthetic_names():
     assert dl.is_synthetic_name("SYN_train_000012_2.png")
     assert not dl.is_synthetic_name("CLEVR_train_000012_2.png")
+
+
+def test_foreground_masks_find_small_objects_on_a_smooth_floor():
+    # a lit floor: brightness ramps by 60 levels top to bottom, plus a bright band at x = 20
+    yy, xx = torch.meshgrid(torch.arange(64.0), torch.arange(64.0), indexing="ij")
+    floor = 90 + 60 * yy / 63 + 25 * torch.exp(-((xx - 20) / 12) ** 2)
+    img = floor.expand(3, 3, 64, 64).clone()
+    img[0, :, 20:26, 30:36] = torch.tensor([173.0, 35, 35])[:, None, None]  # 6x6 red object
+    img[1, :, 40:50, 10:20] = torch.tensor([42.0, 75, 215])[:, None, None]  # 10x10 blue one
+    masks = dl.foreground_masks(img.round().to(torch.uint8), chunk=2)
+    assert masks.shape == (3, 1, 64, 64) and masks.dtype == torch.bool
+    assert not masks[2].any()  # the bare floor: no object
+    for m, (y0, y1, x0, x1) in zip(masks, [(20, 26, 30, 36), (40, 50, 10, 20)]):
+        grown = torch.zeros(64, 64, dtype=torch.bool)
+        grown[y0 - 1:y1 + 1, x0 - 1:x1 + 1] = True  # the object grown by 1 px
+        near = torch.zeros(64, 64, dtype=torch.bool)
+        near[y0 - 6:y1 + 6, x0 - 6:x1 + 6] = True
+        assert m[0][grown].all() and not m[0][~near].any()
+        assert m.sum() <= 2 * grown.sum()  # at most a thin margin of floor
+    assert dl.foreground_masks(torch.zeros(0, 3, 64, 64, dtype=torch.uint8)).shape == (0, 1, 64, 64)

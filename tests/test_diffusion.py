@@ -104,8 +104,12 @@ def test_resume_matches_uninterrupted(runs):
     # the resumed run kept its saved config (tiny preset, batch 4) and logged each step once
     cfg = json.loads((runs / "a" / "config.json").read_text())
     assert cfg["preset"] == "tiny" and cfg["batch_size"] == 4 and cfg["max_steps"] == 6
-    steps = [r["step"] for r in train._read_log(runs / "a" / "log.jsonl") if "loss" in r]
-    assert steps == [1, 2, 3, 4, 5, 6]
+    recs = [r for r in train._read_log(runs / "a" / "log.jsonl") if "loss" in r]
+    assert [r["step"] for r in recs] == [1, 2, 3, 4, 5, 6]
+    # the training clock goes on from the checkpoint (--max-minutes, --lr-by-time count it)
+    saved_s = torch.load(runs / "a" / "checkpoint-3" / train.STATE_FILE,
+                         weights_only=True)["train_seconds"]
+    assert recs[2]["elapsed_s"] <= saved_s <= recs[3]["elapsed_s"] <= recs[5]["elapsed_s"]
     assert (runs / "a" / "loss.png").is_file()
     assert torch.load(a / train.STATE_FILE, weights_only=True)["step"] == 6
     # a fresh run in a folder that already has checkpoints is refused, not mixed in
@@ -237,6 +241,23 @@ def test_speedrun_recipe_yields_to_user_flags():
     assert (cfg.batch_size, cfg.warmup_steps, cfg.max_minutes) == (256, 300, 2.0)  # the recipe's
 
 
+def test_fg_weight_loss_is_a_weighted_pixel_mean():
+    sched = make_noise_scheduler(prediction_type="epsilon")
+    pred = torch.randn(2, 3, 64, 64)
+    model = lambda x, t, y: pred  # noqa: E731  (a fixed prediction: the loss is known)
+    x0, noise, t = torch.zeros(2, 3, 64, 64), torch.randn(2, 3, 64, 64), torch.tensor([5, 9])
+    y = None
+    err = (pred - noise).square().mean(1, keepdim=True)  # (2, 1, 64, 64), epsilon target
+    plain = train.diffusion_loss(model, sched, x0, y, noise, t)
+    torch.testing.assert_close(plain, err.mean())
+    torch.testing.assert_close(train.diffusion_loss(model, sched, x0, y, noise, t,
+                                                    weight=torch.full((2, 1, 64, 64), 3.0)), plain)
+    w = torch.ones(2, 1, 64, 64)
+    w[:, :, :8] = 10.0  # the top 8 rows of each image weigh 10
+    want = ((err * w).sum((1, 2, 3)) / w.sum((1, 2, 3))).mean()
+    torch.testing.assert_close(train.diffusion_loss(model, sched, x0, y, noise, t, weight=w), want)
+
+
 def test_nonfinite_loss_stops_cleanly(data, tmp_path):
     p = run("train.py", *TINY, *data, "--runs-dir", tmp_path, "--run-name", "nan",
             "--max-steps", 6, "--save-every", 1, "--lr", "1e30", "--warmup-steps", 0,
@@ -252,7 +273,7 @@ def test_nonfinite_loss_stops_cleanly(data, tmp_path):
 def test_sigterm_saves_a_final_checkpoint(data, tmp_path):
     cmd = [sys.executable, str(ROOT / "train.py"), *TINY, *map(str, data), "--runs-dir",
            str(tmp_path), "--run-name", "term", "--max-steps", "100000", "--save-every", "0",
-           "--device", "cpu"]
+           "--device", "cpu", "--fg-weight", "4"]  # (also runs the object-weighted loss)
     p = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                          text=True, env=ENV)
     try:
@@ -266,6 +287,7 @@ def test_sigterm_saves_a_final_checkpoint(data, tmp_path):
         p.kill()
     step = int(re.search(r"stopped at step (\d+): SIGTERM", out).group(1))
     assert step >= 2 and (tmp_path / "term" / f"checkpoint-{step}" / "ema").is_dir()
+    assert json.loads((tmp_path / "term" / "config.json").read_text())["fg_weight"] == 4
 
 
 def test_clear_one_line_errors(runs, tmp_path, capsys):
@@ -280,6 +302,7 @@ def test_clear_one_line_errors(runs, tmp_path, capsys):
          "--steps"),
         (train.main, ["--resume", str(missing)], str(missing)),
         (train.main, ["--cuda-graph", "--device", "cpu"], "--cuda-graph: needs a CUDA device"),
+        (train.main, ["--fg-weight", "0"], "--fg-weight: expected a positive weight, got 0.0"),
     ]
     for main, argv, needle in cases:
         with pytest.raises(SystemExit) as e:

@@ -25,7 +25,8 @@ SHIPPED = ROOT / "weights" / "judge"
 needs_shipped = pytest.mark.skipif(
     not (SHIPPED / evaluator.META_FILE).is_file(),
     reason="weights/judge/ not trained yet (the lead adds it from the GPU run of train_judge.py)")
-LINE = re.compile(r"^(\S+): accuracy (\d\.\d{4}) \((\d+)/(\d+)\)(?:  fd (\d+\.\d\d))?$")
+LINE = re.compile(r"^(\S+): accuracy (\d\.\d{4}) \((\d+)/(\d+)\)(?:  fd (\d+\.\d\d))?"
+                  r"(?: \| missed (\d+): (\d+) wrong shape, (\d+) wrong color, (\d+) neither)?$")
 
 
 def lab_compute_acc(out, onehot_labels):
@@ -253,6 +254,16 @@ def test_shipped_weights_load():
     assert all((SHIPPED / n).stat().st_size <= 15 * 2**20 for n in judge.meta["shards"])
 
 
+def test_miss_kinds_pairs_by_color_then_shape():
+    rows = [{"missing": ["red cube", "blue sphere"], "extra": ["blue cylinder", "red sphere"]},
+            {"missing": ["cyan cube", "red cube"], "extra": ["gray cube", "red sphere"]},
+            {"missing": ["green cylinder"], "extra": ["yellow sphere"]},
+            {"missing": [], "extra": []}]
+    # row 1: red cube takes red sphere (color first), so cyan cube pairs with gray cube by shape
+    assert evaluator.miss_kinds(rows) == {"missed": 5, "wrong_shape": 3, "wrong_color": 1,
+                                          "neither": 1}
+
+
 # ---------------------------------------------------------------- evaluate.py
 
 @pytest.fixture(scope="module")
@@ -282,6 +293,9 @@ def test_evaluate_cli_output_and_json(scene_dir, lab_ckpt, capsys):
     assert len(lines) == 1 + 8 and lines[1].startswith("    0: ")
     metrics = json.loads((scene_dir / "m.json").read_text())["files"]["few.json"]
     assert metrics["total"] == 23 and f"{metrics['accuracy']:.4f}" == m.group(2)
+    kinds = [int(g) for g in m.group(6, 7, 8, 9)]  # what the 20 missed objects became
+    assert kinds[0] == 20 == sum(kinds[1:]) and metrics["misses"] == dict(
+        zip(("missed", "wrong_shape", "wrong_color", "neither"), kinds))
     conds = json.loads((scene_dir / "few.json").read_text())
     assert metrics["correct"] == bias_judge_correct(conds) == 3
     assert metrics["per_image"][5]["predicted"] == ["yellow cylinder", "cyan cylinder",
