@@ -60,7 +60,7 @@ class TrainConfig:
     snr_gamma: float = _opt(5.0, "min-SNR-gamma loss weighting (0 = plain MSE)")
     cond_drop: float = _opt(0.1, "probability of training a sample unconditionally (for CFG)")
     fg_weight: float = _opt(1.0, "loss weight of object pixels (dataloader.foreground_masks: "
-                                 "2-7%% of an image) against background ones; 1 = plain MSE")
+                                 "3-8%% of an image) against background ones; 1 = plain MSE")
     # optimization
     max_steps: int = _opt(20000, "stop after this many optimizer steps")
     max_minutes: float = _opt(0.0, "wall-clock budget of the run's training loop (0 = none; "
