@@ -6,6 +6,7 @@ results/speedrun-<device>.json.
     python speedrun.py --short          # ~2 minutes, for ablations
     python speedrun.py --minutes 4 --ship   # also export the EMA weights to weights/ddpm (fp16)
     python speedrun.py --short --tag=-fast --preset fast --cuda-graph   # an ablation
+    python speedrun.py --resume latest  # finish a run that was cut short (same budget and tag)
 
 Flags this script does not know go to train.py, after the recipe (RECIPE below).
 
@@ -65,9 +66,12 @@ def parse_args(argv=None):
 
 
 def train_flags(run_name, minutes, device, train_argv):
-    """train.py's flags for a speedrun: the budget, then RECIPE, then the user's own."""
+    """train.py's flags for a speedrun: the budget, then RECIPE, then the user's own. A resumed
+    run (--resume latest: one cut short by a time limit) keeps the recipe in its config.json,
+    so RECIPE is left out; its --max-minutes counts the training time it already had."""
+    resume = any(a == "--resume" or a.startswith("--resume=") for a in train_argv)
     return ["--run-name", run_name, "--max-minutes", str(minutes), "--device", str(device),
-            *RECIPE, *train_argv]
+            *([] if resume else RECIPE), *train_argv]
 
 
 def versions():
@@ -137,6 +141,7 @@ def main(argv=None):
         train_images_per_s=round(float(np.median(speeds)) if speeds else
                                  steps * cfg.batch_size / loop_s, 1),
         cuda_graph_replayed=end.get("cuda_graph_replayed"),
+        started_at_steps=[r["step"] for r in log if r.get("event") == "start"],  # [0]: no resume
         learning_curve=[{"step": r["step"], "train_minutes": round(r["elapsed_s"] / 60, 2),
                          "val_accuracy": round(r["eval_val_acc"], 4)}
                         for r in log if "eval_val_acc" in r],  # train.py --eval-every

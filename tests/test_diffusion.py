@@ -229,7 +229,7 @@ def test_sample_defaults_come_from_the_checkpoint(runs, tmp_path, capsys):
     assert "dpm++ 25 steps, guidance 1.0" in capsys.readouterr().out  # saved steps: ddim's
 
 
-def test_speedrun_recipe_yields_to_user_flags():
+def test_speedrun_recipe_yields_to_user_flags(runs):
     import speedrun
 
     args, rest = speedrun.parse_args(["--short", "--seeds", "0", "--lr", "1e-3", "--preset",
@@ -239,6 +239,10 @@ def test_speedrun_recipe_yields_to_user_flags():
     cfg = train.parse_args(speedrun.train_flags("r", 2.0, "cpu", rest))
     assert (cfg.lr, cfg.preset, cfg.lr_by_time) == (1e-3, "fast", False)  # the user's
     assert (cfg.batch_size, cfg.warmup_steps, cfg.max_minutes) == (256, 300, 2.0)  # the recipe's
+    # resuming a run keeps its own recipe (run a: tiny, batch 4), not RECIPE; the budget is new
+    cfg = train.parse_args(speedrun.train_flags("a", 3.0, "cpu", ["--resume", "latest",
+                                                                 "--runs-dir", str(runs)]))
+    assert (cfg.preset, cfg.batch_size, cfg.warmup_steps, cfg.max_minutes) == ("tiny", 4, 2, 3.0)
 
 
 def test_fg_weight_loss_is_a_weighted_pixel_mean():
