@@ -112,7 +112,8 @@ fi
 has bench && stage 60 bench $PY bench/bench_diffusion.py --preset default --device cuda \
   --baseline-images 1 --train-steps 20
 IFS=';' read -ra variants <<< "${VARIANTS:-b256;b256 graph;b128 graph;b512 graph}"
-has variants && stage 120 variants $PY bench/bench_train_variants.py --device cuda --steps 20 \
+vlimit=120; [[ "${VARIANTS:-}" == *compile* ]] && vlimit=300  # a cold torch.compile takes minutes
+has variants && stage $vlimit variants $PY bench/bench_train_variants.py --device cuda --steps 20 \
   --variants "${variants[@]}"
 # Default ablations, all with CUDA graphs (a capture that fails falls back to eager steps and
 # says so in the results file): the current recipe, object pixels weighing 10x in the loss, and
