@@ -1,8 +1,10 @@
 """Print README's result tables (markdown) from the files under results/, so that every number
 in README comes from a results file and none is typed by hand.
 
-    python bench/tables.py
+    python bench/tables.py            # the tables
+    python bench/tables.py --plot     # also results/ablation-curves.png (the learning curves)
 """
+import argparse
 import json
 from pathlib import Path
 
@@ -54,14 +56,21 @@ KNOBS = {"preset": "preset", "fg_weight": "object weight", "prediction_type": "p
          "mixed_precision": "precision"}
 
 
-def ablation_table():
-    """One row per short speedrun (speedrun.py --short --tag=-NAME): same budget; the change
-    column lists how each run's recipe differs from the reference run (tag -base)."""
+def ablation_runs():
+    """[(name, results)] of the short speedruns (speedrun.py --short --tag=-NAME), the
+    reference run (tag -base) first."""
     rows = [(p, json.loads(p.read_text())) for p in sorted(RESULTS.glob("speedrun-*-short*.json"))]
     rows = [(p, r) for p, r in rows if "accuracy_mean" in r]
+    rows.sort(key=lambda pr: not pr[0].stem.endswith("-base"))
+    return rows
+
+
+def ablation_table():
+    """One row per short speedrun: same budget; the change column lists how each run's recipe
+    differs from the reference run's."""
+    rows = ablation_runs()
     if not rows:
         return
-    rows.sort(key=lambda pr: not pr[0].stem.endswith("-base"))  # the reference ("base") first
     seeds = len(rows[0][1]["accuracy"]["test"])
     print(f"### Ablations: short speedruns (`speedrun.py --short`), {seeds} seeds each\n")
     row("run", "change", "steps", "images/s", "guidance", "test.json", "new_test.json",
@@ -151,7 +160,39 @@ def speed_table():
     print()
 
 
+def plot_curves(out):
+    """Validation accuracy against training minutes, one line per short speedrun (their
+    --eval-every learning curves) -> out (PNG). Returns out, or None without curves."""
+    runs = [(p, r) for p, r in ablation_runs() if r.get("learning_curve")]
+    if not runs:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    for path, r in runs:
+        c = r["learning_curve"]
+        name = path.stem.split("-short", 1)[1].lstrip("-") or "short"
+        ax.plot([p["train_minutes"] for p in c], [p["val_accuracy"] for p in c], marker=".",
+                label=f"{name} ({r['device']})")
+    ax.set(xlabel="training minutes", ylabel="validation accuracy (judge)", ylim=(0, 1),
+           title="short speedruns (--eval-every): random 1-3-object conditions")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+    return out
+
+
 if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--plot", action="store_true", help="also draw the ablation learning curves")
+    if ap.parse_args().plot:
+        drawn = plot_curves(RESULTS / "ablation-curves.png")
+        print(f"wrote {drawn.relative_to(ROOT)}\n" if drawn else "no learning curves yet\n")
     speedrun_table()
     ablation_table()
     judge_table()
