@@ -107,8 +107,8 @@ def test_resume_matches_uninterrupted(runs):
     recs = [r for r in train._read_log(runs / "a" / "log.jsonl") if "loss" in r]
     assert [r["step"] for r in recs] == [1, 2, 3, 4, 5, 6]
     # the training clock goes on from the checkpoint (--max-minutes, --lr-by-time count it)
-    saved_s = torch.load(runs / "a" / "checkpoint-3" / train.STATE_FILE,
-                         weights_only=True)["train_seconds"]
+    state = runs / "a" / "checkpoint-3" / train.STATE_FILE
+    saved_s = torch.load(state, weights_only=True)["train_seconds"]
     assert recs[2]["elapsed_s"] <= saved_s <= recs[3]["elapsed_s"] <= recs[5]["elapsed_s"]
     assert (runs / "a" / "loss.png").is_file()
     assert torch.load(a / train.STATE_FILE, weights_only=True)["step"] == 6
