@@ -540,8 +540,12 @@ def train(cfg):
     t_last = time.time()
     t_start = t_last - train_s  # elapsed training time = now - t_start (evals excluded)
     last_step = step
+    spent = bool(cfg.max_minutes) and train_s >= cfg.max_minutes * 60  # a resumed, finished run
+    if spent:
+        acc.print(f"the time budget of {cfg.max_minutes} min was spent before step {step} "
+                  f"({_hms(train_s)} of training): nothing to train")
     with stop:
-        while step < cfg.max_steps:
+        while step < cfg.max_steps and not spent:
             step += 1
             idx = torch.randint(n_images, (cfg.batch_size,), generator=gen, device=device)
             x0 = to_float(images[idx])

@@ -292,6 +292,12 @@ def test_sigterm_saves_a_final_checkpoint(data, tmp_path):
     step = int(re.search(r"stopped at step (\d+): SIGTERM", out).group(1))
     assert step >= 2 and (tmp_path / "term" / f"checkpoint-{step}" / "ema").is_dir()
     assert json.loads((tmp_path / "term" / "config.json").read_text())["fg_weight"] == 4
+    # resumed with a budget it has already spent: nothing more is trained or saved
+    p = run("train.py", "--run-name", "term", "--runs-dir", tmp_path, "--resume", "latest",
+            "--max-minutes", "0.0001", cwd=tmp_path)
+    assert "nothing to train" in p.stdout and "saved" not in p.stdout, p.stdout
+    assert sorted(d.name for d in (tmp_path / "term").glob("checkpoint-*")) == [
+        f"checkpoint-{step}"]
 
 
 def test_clear_one_line_errors(runs, tmp_path, capsys):
