@@ -243,9 +243,10 @@ class TrainStep:
     def _step(self, x0, y, noise, t, weight=None):
         args = (self.model, self.noise_scheduler, x0, y, noise, t, self.snr, self.snr_gamma,
                 weight)
-        if self.cuda_graph:  # no Accelerate wrappers: autocast without its weight cache, which
-            # must not outlive a capture
-            with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
+        if self.cuda_graph:  # no Accelerate wrappers: autocast (as --mixed-precision says)
+            # without its weight cache, which must not outlive a capture
+            bf16 = self.acc.mixed_precision == "bf16"
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16, cache_enabled=False):
                 loss = diffusion_loss(*args)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)
