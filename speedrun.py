@@ -211,6 +211,8 @@ def main(argv=None):
     result["accuracy_std"] = {k: round(float(np.std(v)), 4) for k, v in acc.items()}
     result["sampling_seconds_both_files"] = seconds
     result["misses_all_seeds"] = {k: dict(v) for k, v in misses.items()}
+    print("missed objects, all seeds (wrong shape / wrong color / neither): " + "  ".join(
+        f"{k} {m['wrong_shape']}/{m['wrong_color']}/{m['neither']}" for k, m in misses.items()))
     save()
     # FD of all seeds' images of a file against evaluate.py's fixed renders of that file
     result["fd"] = {k: round(evaluate.fd_against_renders(judge, torch.cat(v), files[k]), 3)
