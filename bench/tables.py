@@ -57,41 +57,49 @@ KNOBS = {"preset": "preset", "fg_weight": "object weight", "prediction_type": "p
 
 
 def ablation_runs():
-    """[(name, results)] of the short speedruns (speedrun.py --short --tag=-NAME), the
-    reference run (tag -base) first."""
-    rows = [(p, json.loads(p.read_text())) for p in sorted(RESULTS.glob("speedrun-*-short*.json"))]
-    rows = [(p, r) for p, r in rows if "accuracy_mean" in r]
-    rows.sort(key=lambda pr: not pr[0].stem.endswith("-base"))
-    return rows
+    """{device tag: [(name, path, results)]} of the short speedruns (speedrun.py --short
+    --tag=-NAME), each device's reference run (tag -base) first: runs compare within one kind of
+    GPU only."""
+    groups = {}
+    for path in sorted(RESULTS.glob("speedrun-*-short*.json")):
+        r = json.loads(path.read_text())
+        if "accuracy_mean" in r:
+            prefix, name = path.stem.split("-short", 1)
+            groups.setdefault(prefix.removeprefix("speedrun-"), []).append(
+                (name.lstrip("-") or "short", path, r))
+    for runs in groups.values():
+        runs.sort(key=lambda run: run[0] != "base")
+    return groups
 
 
 def ablation_table():
-    """One row per short speedrun: same budget; the change column lists how each run's recipe
-    differs from the reference run's."""
-    rows = ablation_runs()
-    if not rows:
-        return
-    seeds = len(rows[0][1]["accuracy"]["test"])
-    print(f"### Ablations: short speedruns (`speedrun.py --short`), {seeds} seeds each\n")
-    row("run", "change", "steps", "images/s", "guidance", "test.json", "new_test.json",
-        "FD test / new_test", "misses: shape / color / neither",
-        "validation accuracy during training", "file")
-    row(*["---"] * 11)
-    base = rows[0][1]["train_config"]
-    for path, r in rows:
-        cfg = r["train_config"]
-        change = ", ".join(f"{label} {cfg.get(k)}" for k, label in KNOBS.items()
-                           if cfg.get(k) != base.get(k)) or "(reference)"
-        if cfg.get("cuda_graph") and r.get("cuda_graph_replayed") is False:
-            change += " (capture failed: eager)"
-        m, s = r["accuracy_mean"], r["accuracy_std"]
-        name = path.stem.split("-short", 1)[1].lstrip("-") or "short"
-        row(name, change, r["steps"], f"{r['train_images_per_s']:.0f}", r["guidance"],
-            f"{m['test']:.4f} ± {s['test']:.4f}", f"{m['new_test']:.4f} ± {s['new_test']:.4f}",
-            f"{r['fd']['test']:.0f} / {r['fd']['new_test']:.0f}", misses(r),
-            " ".join(f"{c['val_accuracy']:.2f}@{c['step']}" for c in r.get("learning_curve", [])),
-            f"`results/{path.name}`")
-    print()
+    """One table per device, one row per short speedrun: same budget; the change column lists
+    how each run's recipe differs from the reference run's, and the next one how much the mean
+    accuracy of both files moved."""
+    for runs in ablation_runs().values():
+        name0, _, base = runs[0]
+        print(f"### Ablations on {base['device']}: short speedruns (`speedrun.py --short`), "
+              f"{len(base['accuracy']['test'])} seeds each\n")
+        row("run", "change", "accuracy vs " + name0, "steps", "images/s", "guidance",
+            "test.json", "new_test.json", "FD test / new_test", "misses: shape / color / neither",
+            "validation accuracy during training", "file")
+        row(*["---"] * 12)
+        for name, path, r in runs:
+            cfg = r["train_config"]
+            change = ", ".join(f"{label} {cfg.get(k)}" for k, label in KNOBS.items()
+                               if cfg.get(k) != base["train_config"].get(k)) or "(reference)"
+            if cfg.get("cuda_graph") and r.get("cuda_graph_replayed") is False:
+                change += " (capture failed: eager)"
+            m, s = r["accuracy_mean"], r["accuracy_std"]
+            delta = sum(m.values()) / len(m) - sum(base["accuracy_mean"].values()) / len(m)
+            row(name, change, f"{delta:+.4f}", r["steps"], f"{r['train_images_per_s']:.0f}",
+                r["guidance"], f"{m['test']:.4f} ± {s['test']:.4f}",
+                f"{m['new_test']:.4f} ± {s['new_test']:.4f}",
+                f"{r['fd']['test']:.0f} / {r['fd']['new_test']:.0f}", misses(r),
+                " ".join(f"{c['val_accuracy']:.2f}@{c['step']}"
+                         for c in r.get("learning_curve", [])),
+                f"`results/{path.name}`")
+        print()
 
 
 def judge_table():
@@ -163,7 +171,8 @@ def speed_table():
 def plot_curves(out):
     """Validation accuracy against training minutes, one line per short speedrun (their
     --eval-every learning curves) -> out (PNG). Returns out, or None without curves."""
-    runs = [(p, r) for p, r in ablation_runs() if r.get("learning_curve")]
+    runs = [(dev, name, r) for dev, group in ablation_runs().items() for name, _, r in group
+            if r.get("learning_curve")]
     if not runs:
         return None
     import matplotlib
@@ -172,11 +181,10 @@ def plot_curves(out):
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
-    for path, r in runs:
+    for dev, name, r in runs:
         c = r["learning_curve"]
-        name = path.stem.split("-short", 1)[1].lstrip("-") or "short"
         ax.plot([p["train_minutes"] for p in c], [p["val_accuracy"] for p in c], marker=".",
-                label=f"{name} ({r['device']})")
+                label=f"{name} ({dev})")
     ax.set(xlabel="training minutes", ylabel="validation accuracy (judge)", ylim=(0, 1),
            title="short speedruns (--eval-every): random 1-3-object conditions")
     ax.grid(alpha=0.3)

@@ -28,19 +28,30 @@ def test_ablation_table_and_curves(tmp_path, monkeypatch, capsys):
                                          "neither": 2},
                                 "new_test": {"missed": 3, "wrong_shape": 1, "wrong_color": 0,
                                              "neither": 2}}
-    runs = {"base": {}, "b128": {"batch_size": 128}, "fgw": {"fg_weight": 10.0}}
-    for name, change in runs.items():
+    runs = {"h200-short-base": ({}, 0.0), "h200-short-b128": ({"batch_size": 128}, 0.05),
+            "h200-short-fgw": ({"fg_weight": 10.0}, -0.02), "h100-short-base": ({}, 0.2),
+            "h100-short-lr": ({"lr": 1e-3}, 0.1)}
+    for name, (change, plus) in runs.items():
         r = {**base, "train_config": {**base["train_config"], **change},
+             "device": "NVIDIA " + name[:4].upper(),
+             "accuracy_mean": {k: v + plus for k, v in base["accuracy_mean"].items()},
              "learning_curve": [{"step": 500, "train_minutes": 0.3, "val_accuracy": 0.2},
                                 {"step": 1000, "train_minutes": 0.6, "val_accuracy": 0.4}]}
-        (tmp_path / f"speedrun-h200-short-{name}.json").write_text(json.dumps(r))
+        (tmp_path / f"speedrun-{name}.json").write_text(json.dumps(r))
     monkeypatch.setattr(tables, "RESULTS", tmp_path)
     tables.ablation_table()
-    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")][2:]
-    # "base" is the reference and comes first, though "b128" sorts before it
-    assert [row.split(" | ")[0] for row in rows] == ["| base", "| b128", "| fgw"]
-    assert [row.split(" | ")[1] for row in rows] == ["(reference)", "batch 128",
-                                                     "object weight 10.0"]
-    assert all(" | 3 / 1 / 4 | 0.20@500 0.40@1000 | " in row for row in rows)
+    out = capsys.readouterr().out
+    # one table per GPU, each against its own "base" run, which comes first (though "b128"
+    # sorts before it): runs on different GPUs are never compared
+    assert [line for line in out.splitlines() if line.startswith("###")] == [
+        "### Ablations on NVIDIA H100: short speedruns (`speedrun.py --short`), 5 seeds each",
+        "### Ablations on NVIDIA H200: short speedruns (`speedrun.py --short`), 5 seeds each"]
+    rows = [line.split(" | ") for line in out.splitlines()
+            if line.startswith("| ") and not line.startswith(("| run", "| ---"))]
+    assert [r[:3] for r in rows] == [
+        ["| base", "(reference)", "+0.0000"], ["| lr", "lr 0.001", "-0.1000"],
+        ["| base", "(reference)", "+0.0000"], ["| b128", "batch 128", "+0.0500"],
+        ["| fgw", "object weight 10.0", "-0.0200"]]
+    assert all("3 / 1 / 4" in r and "0.20@500 0.40@1000" in r for r in rows)
     png = tables.plot_curves(tmp_path / "curves.png")
     assert png.stat().st_size > 5000
