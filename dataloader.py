@@ -306,6 +306,16 @@ def resolve_device(device="auto"):
     return torch.device(device)
 
 
+def command_line(argv=None):
+    """How a script was run, for results files: 'python bench/x.py --flag value' (shell-quoted,
+    the script relative to the repository). argv: the script and its arguments (sys.argv)."""
+    import shlex
+    import sys
+
+    script, *args = sys.argv if argv is None else argv
+    return " ".join(shlex.quote(a) for a in ["python", _rel(script), *args])
+
+
 def speed_up_cuda(device):
     """On CUDA: TF32 for float32 matmuls and convolutions, and cuDNN autotuning (training and
     sampling shapes are fixed, so each shape is searched once). A no-op elsewhere."""

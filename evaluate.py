@@ -11,7 +11,6 @@ comparable across runs that score the same condition files.
 import argparse
 import json
 import re
-import shlex
 import sys
 from collections import Counter
 from pathlib import Path
@@ -19,8 +18,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from dataloader import (IMAGE_SIZE, ROOT, TEST_JSONS, DataError, _rel, encode_batch,
-                        load_conditions, load_image, run_cli, write_json)
+from dataloader import (IMAGE_SIZE, ROOT, TEST_JSONS, DataError, _rel, command_line,
+                        encode_batch, load_conditions, load_image, run_cli, write_json)
 from evaluator import evaluation_model, frechet_distance, miss_kinds, per_image
 
 FD_RENDERS, FD_SEED = 16, 0
@@ -138,8 +137,7 @@ def main(argv=None):
                 print(f"  {i:3d}: {r['correct']}/{r['total']} {', '.join(r['labels'])}{wrong}")
         files[cond.name] = res
     if args.json:
-        command = " ".join(shlex.quote(a) for a in
-                           ["python", "evaluate.py", *(sys.argv[1:] if argv is None else argv)])
+        command = command_line(None if argv is None else ["evaluate.py", *argv])
         write_json(args.json, {"command": command, "checkpoint": _rel(judge.checkpoint),
                                "device": str(judge.device), "files": files})
 

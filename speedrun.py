@@ -16,8 +16,6 @@ files), and all seeds come from the one final checkpoint: no checkpoint or seed 
 import argparse
 import json
 import platform
-import shlex
-import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -94,13 +92,13 @@ def main(argv=None):
     import evaluate
     import sample
     import train
-    from evaluator import evaluation_model, miss_kinds
+    from evaluator import evaluation_model, miss_kinds, per_image
 
     device = dl.resolve_device(args.device)
     dev = dl.device_tag(device)
     minutes = args.minutes or (2.0 if args.short else 10.0)
     run_name = args.run_name or f"speedrun-{dev}{'-short' if args.short else ''}{args.tag}"
-    command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
+    command = dl.command_line()
     result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else dev,
               "command": command, "versions": versions(), "budget_minutes": minutes}
     results_dir = Path(args.results_dir)
@@ -198,10 +196,9 @@ def main(argv=None):
         for name, conds in files.items():
             images, labels, dt = generate(conds, seed, guidance)
             t_seed += dt
-            rows = judge.details(images, labels)
-            acc[name].append(round(sum(r["correct"] for r in rows)
-                                   / sum(r["total"] for r in rows), 4))
-            misses[name].update(miss_kinds(rows))
+            scores = judge.scores(images)  # once: the lab's accuracy and the misses
+            acc[name].append(round(judge.compute_acc(scores, labels), 4))
+            misses[name].update(miss_kinds(per_image(scores, labels)))
             generated[name].append(images)
         seconds.append(round(t_seed, 3))
         print(f"seed {seed}: " + "  ".join(f"{k} {v[-1]:.4f}" for k, v in acc.items())

@@ -19,7 +19,6 @@ import argparse
 import json
 import math
 import platform
-import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -30,7 +29,8 @@ import torchvision
 from torchvision.transforms.v2.functional import gaussian_blur
 
 import dataloader
-from dataloader import ROOT, DataError, device_tag, resolve_device, speed_up_cuda, to_float
+from dataloader import (ROOT, DataError, command_line, device_tag, resolve_device, speed_up_cuda,
+                        to_float)
 from evaluate import reference_renders
 from evaluator import build_judge, evaluation_model, save_judge, topk_hits, trunk, write_meta
 
@@ -275,7 +275,7 @@ def main(argv=None):
     # Measure what ships: save the fp16 weights and load them back through the lab's interface.
     config = {**asdict(cfg), "out": dataloader._rel(out), "results": dataloader._rel(results_path),
               "log": dataloader._rel(log_path)}
-    meta = {"config": config, "command": " ".join(["python"] + sys.argv)}
+    meta = {"config": config, "command": command_line()}
     save_judge(net, out, meta)
     judge = evaluation_model(out, device)
     held_out = metrics(judge, val_x, val_y, lambda ks: {

@@ -11,7 +11,6 @@ import argparse
 import json
 import os
 import platform
-import shlex
 import subprocess
 import sys
 import tempfile
@@ -21,7 +20,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from dataloader import TEST_JSONS, load_conditions, run_cli, write_json  # noqa: E402
+from dataloader import (TEST_JSONS, command_line, load_conditions, run_cli,  # noqa: E402
+                        write_json)
 
 
 def main():
@@ -33,7 +33,7 @@ def main():
     ref = json.loads(args.speedrun.read_text())["seed0_from_png"]
     res = {"bench": "cpu sample", "device": args.device, "cpu_count": os.cpu_count(),
            "loadavg_1m_at_start": os.getloadavg()[0], "python": platform.python_version(),
-           "command": "python " + " ".join(shlex.quote(a) for a in sys.argv)}
+           "command": command_line()}
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         subprocess.run([sys.executable, "sample.py", "--device", args.device, "--out", tmp],

@@ -13,7 +13,6 @@ import argparse
 import copy
 import os
 import platform
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -27,8 +26,9 @@ sys.path.insert(0, str(ROOT))
 import accelerate  # noqa: E402
 import diffusers  # noqa: E402
 
-from dataloader import (NUM_CLASSES, TEST_JSONS, encode_batch, load_conditions,  # noqa: E402
-                        device_tag, resolve_device, run_cli, speed_up_cuda, write_json)
+from dataloader import (NUM_CLASSES, TEST_JSONS, command_line, device_tag,  # noqa: E402
+                        encode_batch, load_conditions, resolve_device, run_cli, speed_up_cuda,
+                        write_json)
 from model import (build_model, count_params, flops_per_image,  # noqa: E402
                    make_noise_scheduler)
 from sample import GUIDANCE, generate, load_model  # noqa: E402
@@ -108,7 +108,7 @@ def main():
            "loadavg_1m_at_start": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
            "versions": {"python": platform.python_version(), "torch": torch.__version__,
                         "diffusers": diffusers.__version__, "accelerate": accelerate.__version__},
-           "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
+           "command": command_line(),
            "params": count_params(model), "gflop_per_image": flops_per_image(model) / 1e9}
 
     if train_steps:

@@ -7,7 +7,6 @@ If the judge still reads the squeezed renders, a generator that gets the objects
 resolution scores as well as a sharp one: what it lacks is the right objects, not fine detail.
 """
 import argparse
-import shlex
 import sys
 from pathlib import Path
 
@@ -16,8 +15,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch.nn.functional as F  # noqa: E402
 from torchvision.transforms.functional import gaussian_blur  # noqa: E402
 
-from dataloader import (ROOT, TEST_JSONS, device_tag, encode_batch, load_conditions,  # noqa: E402
-                        resolve_device, run_cli, to_float, write_json)
+from dataloader import (ROOT, TEST_JSONS, command_line, device_tag, encode_batch,  # noqa: E402
+                        load_conditions, resolve_device, run_cli, to_float, write_json)
 from evaluate import reference_renders  # noqa: E402
 from evaluator import evaluation_model  # noqa: E402
 
@@ -54,7 +53,7 @@ def main():
         print(f"{what:40s} {acc:.4f}")
     out = ROOT / "results" / f"resolution-judge-{device_tag(device)}.json"
     write_json(out, {"bench": "judge resolution", "device": str(device), "images": len(x),
-                     "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
+                     "command": command_line(),
                      "accuracy": {k: round(v, 4) for k, v in rows.items()}})
     print(f"wrote {out.relative_to(ROOT)}")
 

@@ -60,7 +60,7 @@ def main():
         "device": str(device), "device_name": name, "torch": torch.__version__,
         "python": platform.python_version(), "threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(), "load_avg_1m": round(load, 2), "batch_size": bs,
-        "command": "python " + " ".join(sys.argv), "results": [],
+        "command": dataloader.command_line(), "results": [],
     }
     print(f"device: {device} ({name}), torch threads {torch.get_num_threads()}, batch {bs}, "
           f"torch {torch.__version__}, load average before the run {load:.1f}")

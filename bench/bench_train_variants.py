@@ -7,7 +7,6 @@ The JSON is rewritten after every variant, so a run cut short keeps what it meas
 """
 import argparse
 import platform
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -18,8 +17,8 @@ import torch  # noqa: E402
 
 from accelerate import Accelerator  # noqa: E402
 
-from dataloader import (ROOT, DataError, device_tag, resolve_device, run_cli,  # noqa: E402
-                        speed_up_cuda, write_json)
+from dataloader import (ROOT, DataError, command_line, device_tag, resolve_device,  # noqa: E402
+                        run_cli, speed_up_cuda, write_json)
 from model import build_model, make_noise_scheduler  # noqa: E402
 from train import TrainStep  # noqa: E402
 
@@ -110,7 +109,7 @@ def main():
     res = {"bench": "train variants", "preset": args.preset,
            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
            "versions": {"python": platform.python_version(), "torch": torch.__version__},
-           "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
+           "command": command_line(),
            "timed_steps": args.steps, "warmup_steps": args.warmup, "variants": {}}
     if device.type == "cuda" and any(VARIANTS[v][3] for v in args.variants):
         try:

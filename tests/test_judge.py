@@ -291,7 +291,9 @@ def test_evaluate_cli_output_and_json(scene_dir, lab_ckpt, capsys):
     m = LINE.match(lines[0])
     assert m and m.group(1) == "few.json" and m.group(4) == "23" and m.group(5), lines[0]
     assert len(lines) == 1 + 8 and lines[1].startswith("    0: ")
-    metrics = json.loads((scene_dir / "m.json").read_text())["files"]["few.json"]
+    report = json.loads((scene_dir / "m.json").read_text())
+    assert report["command"].startswith("python evaluate.py --images ")
+    metrics = report["files"]["few.json"]
     assert metrics["total"] == 23 and f"{metrics['accuracy']:.4f}" == m.group(2)
     kinds = [int(g) for g in m.group(6, 7, 8, 9)]  # what the 20 missed objects became
     assert kinds[0] == 20 == sum(kinds[1:]) and metrics["misses"] == dict(
@@ -305,9 +307,14 @@ def test_evaluate_cli_output_and_json(scene_dir, lab_ckpt, capsys):
     judge = evaluator.evaluation_model(lab_ckpt, "cpu")
     res = evaluate.score_folder(judge, scene_dir / "few", scene_dir / "few.json", True, 2)
     assert res["correct"] == metrics["correct"] and res["fd"] == pytest.approx(metrics["fd"])
-    evaluate.main(["--images", str(scene_dir), "--conditions", str(scene_dir / "few.json"),
-                   "--checkpoint", str(lab_ckpt), "--no-fd", "--device", "cpu"])
+    argv = ["--images", str(scene_dir), "--conditions", str(scene_dir / "few.json"),
+            "--checkpoint", str(lab_ckpt), "--no-fd", "--device", "cpu", "--json",
+            str(scene_dir / "m2.json")]
+    evaluate.main(argv)
     assert LINE.match(capsys.readouterr().out.strip()).group(5) is None
+    # called in-process, the results file records the call's own arguments, not pytest's
+    assert json.loads((scene_dir / "m2.json").read_text())["command"] == " ".join(
+        ["python", "evaluate.py", *argv])
 
 
 @needs_shipped
