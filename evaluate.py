@@ -128,6 +128,8 @@ def main(argv=None):
         m = res["misses"]
         why = (f" | missed {m['missed']}: {m['wrong_shape']} wrong shape, {m['wrong_color']} "
                f"wrong color, {m['neither']} neither") if m["missed"] else ""
+        why += (f" | objects found: {m['more_objects']} images too many, {m['fewer_objects']} "
+                f"too few") if m["more_objects"] or m["fewer_objects"] else ""
         print(f"{cond.name}: accuracy {res['accuracy']:.4f} ({res['correct']}/{res['total']})"
               f"{fd}{why}")
         if args.per_image:

@@ -87,14 +87,18 @@ def compute_acc(out, onehot_labels):
 
 
 def per_image(out, onehot_labels):
-    """One dict per image: true labels, the judge's top-k, which are missing / extra, hits."""
+    """One dict per image: true labels, the judge's top-k, which are missing / extra, hits, and
+    "found": every label the judge scores above 0.5, however many (the top-k cannot show an
+    object too many)."""
     ks, hits, top = topk_hits(out, onehot_labels)
     rows = []
     for i, (k, h, t) in enumerate(zip(ks.tolist(), hits.tolist(), top)):
         true = (onehot_labels[i] > 0.5).nonzero().flatten().tolist()
+        found = (out[i] > 0.5).nonzero().flatten().tolist()
         rows.append({"labels": [LABELS[j] for j in true], "predicted": [LABELS[j] for j in t],
                      "missing": [LABELS[j] for j in true if j not in t],
-                     "extra": [LABELS[j] for j in t if j not in true], "correct": h, "total": k})
+                     "extra": [LABELS[j] for j in t if j not in true], "correct": h, "total": k,
+                     "found": [LABELS[j] for j in found]})
     return rows
 
 
@@ -102,9 +106,15 @@ def miss_kinds(rows):
     """What the missed objects of per_image rows became: each missing label is paired with an
     extra one of the same image (the judge's top-k has k labels, so they are as many), first by
     color ("wrong_shape": right color, wrong shape), then by shape ("wrong_color"); the rest
-    share neither ("neither": a wrong object, or one the judge could not see)."""
-    kinds = {"missed": 0, "wrong_shape": 0, "wrong_color": 0, "neither": 0}
+    share neither ("neither": a wrong object, or one the judge could not see). Also per image:
+    "more_objects" / "fewer_objects" count the images in which the judge finds (score > 0.5)
+    more / fewer different objects than the condition has."""
+    kinds = {"missed": 0, "wrong_shape": 0, "wrong_color": 0, "neither": 0,
+             "more_objects": 0, "fewer_objects": 0}
     for r in rows:
+        if "found" in r:
+            kinds["more_objects"] += len(r["found"]) > r["total"]
+            kinds["fewer_objects"] += len(r["found"]) < r["total"]
         missing, extra = list(r["missing"]), list(r["extra"])
         kinds["missed"] += len(missing)
         for word, kind in ((0, "wrong_shape"), (1, "wrong_color")):  # names are "color shape"

@@ -118,7 +118,7 @@ def _x0_estimate(sched, x, out, t):
 
 
 def _sample_batch(model, y, gens, sampler, steps, guidance, scheduler_config, trajectory,
-                  progress):
+                  progress, interval=None):
     device = y.device
     size = model.config.image_size
     sched = make_sampler(sampler, scheduler_config)
@@ -130,10 +130,12 @@ def _sample_batch(model, y, gens, sampler, steps, guidance, scheduler_config, tr
                      dtype=torch.float32) * sched.init_noise_sigma
     amp = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
            else contextlib.nullcontext())
-    guided = guidance != 1.0
-    y_in = torch.cat([y, torch.zeros_like(y)]) if guided else y  # cond half, then uncond half
+    y2 = torch.cat([y, torch.zeros_like(y)])  # cond half, then uncond half
+    lo, hi = interval if interval is not None else (-1, float("inf"))
     xs, x0s = ([x.cpu()] if trajectory else []), []
     for t in tqdm(sched.timesteps, desc=f"{sampler} x{len(y)}", leave=False, disable=not progress):
+        guided = guidance != 1.0 and lo <= int(t) <= hi
+        y_in = y2 if guided else y
         x_in = sched.scale_model_input(x, t)
         x_in = torch.cat([x_in, x_in]) if guided else x_in
         with amp:
@@ -152,12 +154,15 @@ def _sample_batch(model, y, gens, sampler, steps, guidance, scheduler_config, tr
 @torch.no_grad()
 def generate(model, labels, *, sampler="dpm++", steps=None, guidance=GUIDANCE, seed=0,
              device=None, batch_size=64, scheduler_config, return_trajectory=False,
-             progress=True):
+             progress=True, guidance_interval=None):
     """labels (N, 24) multi-hot -> images (N, 3, 64, 64) in [-1, 1] on the CPU.
 
     CFG doubles each batch (condition + all-zero "no condition"): out = u + w (c - u); w = 1
-    skips the unconditional half. steps=None: 1000 for ddpm, else 25. With return_trajectory,
-    also returns {"x_t": (steps + 1, N, 3, H, W), "x0": (steps, N, 3, H, W)} (noise first).
+    skips the unconditional half. guidance_interval=(lo, hi) guides only the steps whose
+    training timestep t has lo <= t <= hi (Kynkaanniemi et al. 2024); the others run the
+    conditional half alone (bench/bench_guidance.py: no gain here). steps=None: 1000 for
+    ddpm, else 25. With return_trajectory, also returns {"x_t": (steps + 1, N, 3, H, W),
+    "x0": (steps, N, 3, H, W)} (noise first).
     """
     device = torch.device(device) if device is not None else next(model.parameters()).device
     steps = steps or DEFAULT_STEPS.get(sampler, 25)
@@ -168,7 +173,8 @@ def generate(model, labels, *, sampler="dpm++", steps=None, guidance=GUIDANCE, s
     for s in range(0, len(labels), batch_size):
         img, bx, bx0 = _sample_batch(model, labels[s:s + batch_size].to(device),
                                      gens[s:s + batch_size], sampler, steps, guidance,
-                                     scheduler_config, return_trajectory, progress)
+                                     scheduler_config, return_trajectory, progress,
+                                     guidance_interval)
         images.append(img.cpu())
         xs.append(bx)
         x0s.append(bx0)

@@ -48,7 +48,7 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--guidance", default="auto",
                    help="a number, or 'auto': the best of --guidance-grid on validation conditions")
-    p.add_argument("--guidance-grid", type=float, nargs="+", default=[1.0, 1.5, 2.0, 3.0, 4.0])
+    p.add_argument("--guidance-grid", type=float, nargs="+", default=[1.0, 2.0, 3.0, 4.0, 5.0])
     p.add_argument("--val-conditions", type=int, default=256,
                    help="random 1-3-object conditions used to choose the guidance scale")
     p.add_argument("--ddpm-baseline", action="store_true",
@@ -208,8 +208,10 @@ def main(argv=None):
     result["accuracy_std"] = {k: round(float(np.std(v)), 4) for k, v in acc.items()}
     result["sampling_seconds_both_files"] = seconds
     result["misses_all_seeds"] = {k: dict(v) for k, v in misses.items()}
-    print("missed objects, all seeds (wrong shape / wrong color / neither): " + "  ".join(
-        f"{k} {m['wrong_shape']}/{m['wrong_color']}/{m['neither']}" for k, m in misses.items()))
+    print("missed objects, all seeds (wrong shape / wrong color / neither; images with too many "
+          "/ too few objects): " + "  ".join(
+              f"{k} {m['wrong_shape']}/{m['wrong_color']}/{m['neither']}; "
+              f"{m['more_objects']}/{m['fewer_objects']}" for k, m in misses.items()))
     save()
     # FD of all seeds' images of a file against evaluate.py's fixed renders of that file
     result["fd"] = {k: round(evaluate.fd_against_renders(judge, torch.cat(v), files[k]), 3)

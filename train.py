@@ -165,8 +165,6 @@ def _check(cfg):
         raise DataError(f"--fg-weight: expected a positive weight, got {cfg.fg_weight}")
     if not 0.0 <= cfg.cond_drop < 1.0:
         raise DataError(f"--cond-drop: expected a probability in [0, 1), got {cfg.cond_drop}")
-    if cfg.cuda_graph and cfg.compile:
-        raise DataError("--cuda-graph and --compile: pick one (the graph replays eager kernels)")
     if cfg.cuda_graph and (device := resolve_device(cfg.device)).type != "cuda":
         raise DataError(f"--cuda-graph: needs a CUDA device (--device {cfg.device} resolves to "
                         f"{device})")

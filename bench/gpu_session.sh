@@ -117,8 +117,9 @@ has variants && stage $vlimit variants $PY bench/bench_train_variants.py --devic
   --variants "${variants[@]}"
 # Default ablations, all with CUDA graphs (a capture that fails falls back to eager steps and
 # says so in the results file): the current recipe, object pixels weighing 10x in the loss, and
-# the 4x cheaper "fast" preset. About 165 s each (a smaller guidance sweep than the full
+# cross-attention to label tokens (half of the shipped model's images have a wrong number of
+# objects: results/guidance-cpu.json). About 165 s each (a smaller guidance sweep than the full
 # speedrun's); a stage is cut at 200 s, and the tool returns the packs of the stages that
 # finished even when the call hits its limit.
-ABLATIONS=${ABLATIONS:-"base:--cuda-graph;fgw:--cuda-graph --fg-weight 10;fast:--cuda-graph --preset fast"}
-has ablate && ablate 200 --guidance-grid 2 3 4 --val-conditions 128
+ABLATIONS=${ABLATIONS:-"base:--cuda-graph;fgw:--cuda-graph --fg-weight 10;xattn:--cuda-graph --preset xattn"}
+has ablate && ablate 200 --guidance-grid 2 3 4 5 --val-conditions 128

@@ -17,18 +17,25 @@ def row(*cells):
 
 
 def misses(r):
-    """'shape / color / neither' counts of the missed objects, both files, all seeds."""
+    """'shape / color / neither' counts of the missed objects, both files, all seeds, and (in
+    newer files) '; too many / too few': the images with a wrong number of objects."""
     m = r.get("misses_all_seeds")
     if not m:
         return ""
-    return " / ".join(str(sum(f[k] for f in m.values()))
+    text = " / ".join(str(sum(f[k] for f in m.values()))
                       for k in ("wrong_shape", "wrong_color", "neither"))
+    if all("more_objects" in f for f in m.values()):
+        text += "; " + " / ".join(str(sum(f[k] for f in m.values()))
+                                  for k in ("more_objects", "fewer_objects"))
+    return text
 
 
 def speedrun_table():
     print("### Speedrun (`speedrun.py`), accuracy by the shipped judge, 5 seeds, one checkpoint\n")
     row("device", "training", "images/s", "sampler", "guidance", "test.json", "new_test.json",
-        "FD test / new_test", "misses: wrong shape / wrong color / neither", "file")
+        "FD test / new_test",
+        "misses: wrong shape / wrong color / neither; images with too many / too few objects",
+        "file")
     row(*["---"] * 10)
     for path in sorted(RESULTS.glob("speedrun-*.json")):
         r = json.loads(path.read_text())
@@ -81,7 +88,8 @@ def ablation_table():
         print(f"### Ablations on {base['device']}: short speedruns (`speedrun.py --short`), "
               f"{len(base['accuracy']['test'])} seeds each\n")
         row("run", "change", "accuracy vs " + name0, "steps", "images/s", "guidance",
-            "test.json", "new_test.json", "FD test / new_test", "misses: shape / color / neither",
+            "test.json", "new_test.json", "FD test / new_test",
+            "misses: shape / color / neither; too many / too few objects",
             "validation accuracy during training", "file")
         row(*["---"] * 12)
         for name, path, r in runs:
@@ -99,6 +107,23 @@ def ablation_table():
                 " ".join(f"{c['val_accuracy']:.2f}@{c['step']}"
                          for c in r.get("learning_curve", [])),
                 f"`results/{path.name}`")
+        print()
+
+
+def guidance_table():
+    for path in sorted(RESULTS.glob("guidance-*.json")):
+        r = json.loads(path.read_text())
+        print(f"### Where guidance helps (`bench/bench_guidance.py`), `{r['checkpoint']}`, "
+              f"{r['conditions']} validation conditions ({r['objects']} objects), "
+              f"{r['sampler']} {r['steps']} steps\n")
+        row("setting", "guidance", "guided timesteps", "accuracy", "images with too many objects",
+            "too few", "file")
+        row(*["---"] * 7)
+        for name, v in r["settings"].items():
+            t = v["guided_timesteps"]
+            row(name, v["guidance"], "all" if t is None else f"{t[0]}-{t[1]}",
+                f"{v['accuracy']:.4f}", v["misses"]["more_objects"],
+                v["misses"]["fewer_objects"], f"`results/{path.name}`")
         print()
 
 
@@ -156,6 +181,9 @@ def speed_table():
         for name, v in r["variants"].items():
             number = (f"{v['images_per_s']:.0f} images/s" if "images_per_s" in v
                       else f"failed: {v['error'][:80]}")
+            if "images_in_10_min" in v:  # compile and capture time come out of the budget
+                number += (f" after {v['warmup_seconds']:.0f} s of warm-up: "
+                           f"{v['images_in_10_min'] / 1e6:.2f}M images in 10 min")
             row(f"train {r['preset']} preset, {name}", r["device"], number,
                 f"`results/{path.name}`")
         if "max_rel_diff" in r.get("graph_check", {}):
@@ -203,6 +231,7 @@ if __name__ == "__main__":
         print(f"wrote {drawn.relative_to(ROOT)}\n" if drawn else "no learning curves yet\n")
     speedrun_table()
     ablation_table()
+    guidance_table()
     judge_table()
     judge_resolution_table()
     speed_table()

@@ -25,9 +25,10 @@ def test_speedrun_table_quotes_the_results_file(capsys):
 def test_ablation_table_and_curves(tmp_path, monkeypatch, capsys):
     base = json.loads((ROOT / "results" / "speedrun-h200.json").read_text())
     base["misses_all_seeds"] = {"test": {"missed": 5, "wrong_shape": 2, "wrong_color": 1,
-                                         "neither": 2},
+                                         "neither": 2, "more_objects": 4, "fewer_objects": 1},
                                 "new_test": {"missed": 3, "wrong_shape": 1, "wrong_color": 0,
-                                             "neither": 2}}
+                                             "neither": 2, "more_objects": 2,
+                                             "fewer_objects": 0}}
     runs = {"h200-short-base": ({}, 0.0), "h200-short-b128": ({"batch_size": 128}, 0.05),
             "h200-short-fgw": ({"fg_weight": 10.0}, -0.02), "h100-short-base": ({}, 0.2),
             "h100-short-lr": ({"lr": 1e-3}, 0.1)}
@@ -52,6 +53,6 @@ def test_ablation_table_and_curves(tmp_path, monkeypatch, capsys):
         ["| base", "(reference)", "+0.0000"], ["| lr", "lr 0.001", "-0.1000"],
         ["| base", "(reference)", "+0.0000"], ["| b128", "batch 128", "+0.0500"],
         ["| fgw", "object weight 10.0", "-0.0200"]]
-    assert all("3 / 1 / 4" in r and "0.20@500 0.40@1000" in r for r in rows)
+    assert all("3 / 1 / 4; 6 / 1" in r and "0.20@500 0.40@1000" in r for r in rows)
     png = tables.plot_curves(tmp_path / "curves.png")
     assert png.stat().st_size > 5000

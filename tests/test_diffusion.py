@@ -156,6 +156,16 @@ def test_every_sampler_runs_and_seeds_are_per_image(runs):
                          return_trajectory=True, progress=False)
     assert traj["x_t"].shape == (5, 1, 3, 64, 64) and traj["x0"].shape == (4, 1, 3, 64, 64)
     torch.testing.assert_close(traj["x_t"][-1].clamp(-1, 1), img)
+    # a guidance interval guides only its steps (4 dpm++ steps: t = 999, 749, 499, 249)
+    kw = dict(steps=4, seed=3, scheduler_config=sched_cfg, progress=False)
+    guided, plain = generate(model, y, guidance=3.0, **kw), generate(model, y, guidance=1.0, **kw)
+    assert (guided - plain).abs().max() > 1e-3
+    torch.testing.assert_close(generate(model, y, guidance=3.0, guidance_interval=(0, 999), **kw),
+                               guided)
+    torch.testing.assert_close(generate(model, y, guidance=3.0, guidance_interval=(0, 200), **kw),
+                               plain)
+    some = generate(model, y, guidance=3.0, guidance_interval=(500, 999), **kw)
+    assert (some - guided).abs().max() > 1e-4 and (some - plain).abs().max() > 1e-4
 
 
 @pytest.mark.parametrize("conditioning", ["embed", "concat"])

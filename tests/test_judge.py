@@ -26,7 +26,8 @@ needs_shipped = pytest.mark.skipif(
     not (SHIPPED / evaluator.META_FILE).is_file(),
     reason="weights/judge/ not trained yet (the lead adds it from the GPU run of train_judge.py)")
 LINE = re.compile(r"^(\S+): accuracy (\d\.\d{4}) \((\d+)/(\d+)\)(?:  fd (\d+\.\d\d))?"
-                  r"(?: \| missed (\d+): (\d+) wrong shape, (\d+) wrong color, (\d+) neither)?$")
+                  r"(?: \| missed (\d+): (\d+) wrong shape, (\d+) wrong color, (\d+) neither)?"
+                  r"(?: \| objects found: (\d+) images too many, (\d+) too few)?$")
 
 
 def lab_compute_acc(out, onehot_labels):
@@ -110,6 +111,10 @@ def test_compute_acc_hand_worked():
     assert rows[1]["missing"] == ["purple cube"] and rows[1]["extra"] == ["red sphere"]
     assert rows[2]["missing"] == ["red sphere"] and rows[2]["extra"] == ["green sphere"]
     assert rows[0]["missing"] == rows[0]["extra"] == [] and rows[0]["labels"] == ["green cube"]
+    # "found" is every score above 0.5: image 0 shows one object too many
+    assert [len(r["found"]) for r in rows] == [2, 2, 3, 2] and "green cube" in rows[0]["found"]
+    kinds = evaluator.miss_kinds(rows)
+    assert kinds["missed"] == 2 and (kinds["more_objects"], kinds["fewer_objects"]) == (1, 0)
 
 
 def test_compute_acc_ties_follow_torch_topk():
@@ -261,7 +266,7 @@ def test_miss_kinds_pairs_by_color_then_shape():
             {"missing": [], "extra": []}]
     # row 1: red cube takes red sphere (color first), so cyan cube pairs with gray cube by shape
     assert evaluator.miss_kinds(rows) == {"missed": 5, "wrong_shape": 3, "wrong_color": 1,
-                                          "neither": 1}
+                                          "neither": 1, "more_objects": 0, "fewer_objects": 0}
 
 
 # ---------------------------------------------------------------- evaluate.py
@@ -296,8 +301,12 @@ def test_evaluate_cli_output_and_json(scene_dir, lab_ckpt, capsys):
     metrics = report["files"]["few.json"]
     assert metrics["total"] == 23 and f"{metrics['accuracy']:.4f}" == m.group(2)
     kinds = [int(g) for g in m.group(6, 7, 8, 9)]  # what the 20 missed objects became
+    counts = [int(g or 0) for g in m.group(10, 11)]  # images with too many / too few objects
     assert kinds[0] == 20 == sum(kinds[1:]) and metrics["misses"] == dict(
-        zip(("missed", "wrong_shape", "wrong_color", "neither"), kinds))
+        zip(("missed", "wrong_shape", "wrong_color", "neither", "more_objects",
+             "fewer_objects"), kinds + counts))
+    assert counts[0] + counts[1] == sum(len(r["found"]) != r["total"]
+                                        for r in metrics["per_image"])
     conds = json.loads((scene_dir / "few.json").read_text())
     assert metrics["correct"] == bias_judge_correct(conds) == 3
     assert metrics["per_image"][5]["predicted"] == ["yellow cylinder", "cyan cylinder",
