@@ -112,9 +112,8 @@ def miss_kinds(rows):
     kinds = {"missed": 0, "wrong_shape": 0, "wrong_color": 0, "neither": 0,
              "more_objects": 0, "fewer_objects": 0}
     for r in rows:
-        if "found" in r:
-            kinds["more_objects"] += len(r["found"]) > r["total"]
-            kinds["fewer_objects"] += len(r["found"]) < r["total"]
+        kinds["more_objects"] += len(r["found"]) > r["total"]
+        kinds["fewer_objects"] += len(r["found"]) < r["total"]
         missing, extra = list(r["missing"]), list(r["extra"])
         kinds["missed"] += len(missing)
         for word, kind in ((0, "wrong_shape"), (1, "wrong_color")):  # names are "color shape"

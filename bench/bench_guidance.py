@@ -2,7 +2,7 @@
 (never the benchmark files) with guidance at every step, and only inside a range of timesteps
 (the "guidance interval" of Kynkaanniemi et al. 2024), scored by the judge.
 
-    python bench/bench_guidance.py          # shipped weights, 128 conditions: ~50 min on 2 CPU cores
+    python bench/bench_guidance.py          # shipped weights, 128 conditions: ~50 min on 2 CPUs
     python bench/bench_guidance.py --checkpoint runs/NAME --device cuda
 
 -> results/guidance-<device>.json. Besides the lab's accuracy it counts the images in which the
@@ -23,7 +23,7 @@ import torch  # noqa: E402
 import sample  # noqa: E402
 from dataloader import (ROOT, DataError, _rel, command_line, device_tag,  # noqa: E402
                         encode_batch, resolve_device, run_cli, validation_conditions, write_json)
-from evaluator import evaluation_model, miss_kinds, per_image  # noqa: E402
+from evaluator import compute_acc, evaluation_model, miss_kinds, per_image  # noqa: E402
 from model import resolve_checkpoint  # noqa: E402
 
 # name: (guidance scale, (lowest, highest) training timestep that is guided, None = all). The
@@ -65,9 +65,8 @@ def main():
                                  guidance_interval=interval, seed=args.seed,
                                  scheduler_config=sched_cfg, progress=False)
         seconds = time.perf_counter() - t0
-        rows = per_image(judge.scores(images), labels)
-        m = miss_kinds(rows)
-        acc = sum(r["correct"] for r in rows) / sum(r["total"] for r in rows)
+        scores = judge.scores(images)  # once: the lab's accuracy and the misses
+        acc, m = compute_acc(scores, labels), miss_kinds(per_image(scores, labels))
         guided = "all" if interval is None else f"{interval[0]}-{interval[1]}"
         res["settings"][name] = {"guidance": w, "guided_timesteps": interval,
                                  "accuracy": round(acc, 4), "misses": m,

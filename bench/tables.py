@@ -17,17 +17,14 @@ def row(*cells):
 
 
 def misses(r):
-    """'shape / color / neither' counts of the missed objects, both files, all seeds, and (in
-    newer files) '; too many / too few': the images with a wrong number of objects."""
+    """'shape / color / neither; too many / too few': what the missed objects became, and the
+    images with a wrong number of objects, both files, all seeds."""
     m = r.get("misses_all_seeds")
     if not m:
         return ""
-    text = " / ".join(str(sum(f[k] for f in m.values()))
-                      for k in ("wrong_shape", "wrong_color", "neither"))
-    if all("more_objects" in f for f in m.values()):
-        text += "; " + " / ".join(str(sum(f[k] for f in m.values()))
-                                  for k in ("more_objects", "fewer_objects"))
-    return text
+    total = {k: sum(f[k] for f in m.values()) for k in next(iter(m.values()))}
+    return ("{wrong_shape} / {wrong_color} / {neither}; {more_objects} / {fewer_objects}"
+            .format(**total))
 
 
 def speedrun_table():

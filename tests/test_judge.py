@@ -264,9 +264,12 @@ def test_miss_kinds_pairs_by_color_then_shape():
             {"missing": ["cyan cube", "red cube"], "extra": ["gray cube", "red sphere"]},
             {"missing": ["green cylinder"], "extra": ["yellow sphere"]},
             {"missing": [], "extra": []}]
+    # the judge finds 2 of 2, 3 of 2 (one too many), 1 of 1 and 0 of 1 (one too few) objects
+    for r, total, found in zip(rows, (2, 2, 1, 1), (2, 3, 1, 0)):
+        r.update(total=total, found=["some object"] * found)
     # row 1: red cube takes red sphere (color first), so cyan cube pairs with gray cube by shape
     assert evaluator.miss_kinds(rows) == {"missed": 5, "wrong_shape": 3, "wrong_color": 1,
-                                          "neither": 1, "more_objects": 0, "fewer_objects": 0}
+                                          "neither": 1, "more_objects": 1, "fewer_objects": 1}
 
 
 # ---------------------------------------------------------------- evaluate.py
