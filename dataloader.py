@@ -45,6 +45,20 @@ def _rel(path):
         return str(path)
 
 
+def repo_path(path):
+    """A path from a config file: a relative one is relative to the repository (so a run folder
+    keeps working when the checkout moves), an absolute one stays as it is."""
+    path = Path(path)
+    return path if path.is_absolute() else ROOT / path
+
+
+def portable_path(path):
+    """A path typed by the user (relative ones: to the current directory), as a config file
+    stores it: relative to the repository when inside it, else absolute."""
+    path = Path(path).resolve()
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
 def load_json(path):
     path = Path(path)
     if not path.is_file():

@@ -29,9 +29,10 @@ from accelerate.utils import broadcast_object_list
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 
-from dataloader import (DATA_ROOT, TRAIN_JSON, DataError, ICLEVRDataset, _rel, encode_batch,
-                        foreground_masks, resolve_device, run_cli, speed_up_cuda, to_float,
-                        to_uint8, validation_conditions, write_json)
+from dataloader import (DATA_ROOT, TRAIN_JSON, DataError, ICLEVRDataset, _rel,
+                        encode_batch, foreground_masks, portable_path, repo_path, resolve_device,
+                        run_cli, speed_up_cuda, to_float, to_uint8, validation_conditions,
+                        write_json)
 from model import (EMA_DIR, MODEL_DIR, PRESETS, RUNS_DIR, SCHEDULER_DIR, build_model,
                    count_params, derive_seed, list_checkpoints, load_weights,
                    make_noise_scheduler, resolve_checkpoint)
@@ -44,12 +45,17 @@ def _opt(default, help, **kw):
     return field(default=default, metadata={"help": help, **kw})
 
 
+# Paths in a TrainConfig (and config.json) are relative to the repository, or absolute; typed on
+# the command line, they are relative to the current directory (parse_args converts them).
+PATH_FIELDS = ("data_root", "train_json", "runs_dir")
+
+
 @dataclass
 class TrainConfig:
     # data
-    data_root: str = _opt(str(DATA_ROOT), "folder of training PNGs (synthetic ones are "
+    data_root: str = _opt(portable_path(DATA_ROOT), "folder of training PNGs (synthetic ones are "
                                           "rendered when missing)")
-    train_json: str = _opt(str(TRAIN_JSON), "spec file: image name -> label list")
+    train_json: str = _opt(portable_path(TRAIN_JSON), "spec file: image name -> label list")
     # model and diffusion
     preset: str = _opt("default", "model preset (model.PRESETS); a resumed run keeps its model",
                        choices=list(PRESETS))
@@ -80,7 +86,7 @@ class TrainConfig:
     ema_power: float = _opt(0.75, "EMA warmup power: decay = 1 - (1 + step)^-power, capped")
     # run
     run_name: str = _opt("", "runs/NAME (default: a timestamp)")
-    runs_dir: str = _opt(str(RUNS_DIR), "folder of runs")
+    runs_dir: str = _opt(portable_path(RUNS_DIR), "folder of runs")
     resume: str = _opt("", "'latest' (this run's newest checkpoint) or a checkpoint/run folder")
     save_every: int = _opt(1000, "checkpoint every N steps (and at the end)")
     keep_last: int = _opt(3, "keep only the newest N checkpoints (0 = all)")
@@ -127,7 +133,7 @@ def _find_resume(cfg):
     if not cfg.resume:
         return None
     if cfg.resume == "latest":
-        runs = Path(cfg.runs_dir)
+        runs = repo_path(cfg.runs_dir)
         if cfg.run_name:
             run_dir = runs / cfg.run_name
         else:  # no name: the run with the newest checkpoint
@@ -146,11 +152,13 @@ def parse_args(argv=None):
     """Flags -> TrainConfig. When resuming, the run's saved config.json is the base and only the
     flags given on the command line override it (so `--resume latest --max-steps 8` keeps the
     run's preset, batch size, ...)."""
-    cfg = TrainConfig(**vars(_parser().parse_args(argv)))
+    given = vars(_parser(suppress=True).parse_args(argv))
+    for name in set(PATH_FIELDS) & set(given):  # typed: relative to the current directory
+        given[name] = portable_path(given[name])
+    cfg = TrainConfig(**given)
     found = _find_resume(cfg)
     if found and found[0] is not None and (found[0] / "config.json").is_file():
         saved = json.loads((found[0] / "config.json").read_text())
-        given = vars(_parser(suppress=True).parse_args(argv))
         known = {f.name for f in fields(TrainConfig)}
         cfg = TrainConfig(**{**{k: v for k, v in saved.items() if k in known}, **given})
     return cfg
@@ -383,7 +391,7 @@ def train(cfg):
     # Run folder: the resumed one, the named one, or a timestamp agreed on by all ranks.
     run_dir, ckpt = _find_resume(cfg) or (None, None)
     if run_dir is None and cfg.run_name:
-        run_dir = Path(cfg.runs_dir) / cfg.run_name
+        run_dir = repo_path(cfg.runs_dir) / cfg.run_name
     if run_dir is not None and not ckpt and list_checkpoints(run_dir):
         raise DataError(f"{_rel(run_dir)}: already has checkpoints; continue it with --resume "
                         "latest or pick another --run-name")
@@ -396,8 +404,8 @@ def train(cfg):
     if run_dir is None:
         name = [time.strftime("%Y%m%d-%H%M%S")]
         broadcast_object_list(name)
-        run_dir = Path(cfg.runs_dir) / name[0]
-    cfg.run_name, cfg.runs_dir = run_dir.name, str(run_dir.parent)
+        run_dir = repo_path(cfg.runs_dir) / name[0]
+    cfg.run_name, cfg.runs_dir = run_dir.name, portable_path(run_dir.parent)
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_json(run_dir / "config.json", asdict(cfg))
@@ -405,7 +413,8 @@ def train(cfg):
 
     # Data: the whole uint8 set on the device; rank 0 renders missing synthetic images first.
     with acc.main_process_first():
-        ds = ICLEVRDataset(cfg.data_root, cfg.train_json, in_memory=True, device=cfg.device)
+        ds = ICLEVRDataset(repo_path(cfg.data_root), repo_path(cfg.train_json), in_memory=True,
+                           device=cfg.device)
     images, labels = ds.images.to(device), ds.labels.to(device)
     n_images = len(ds)
     del ds

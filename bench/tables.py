@@ -47,7 +47,7 @@ def speedrun_table():
             f"`results/{path.name}`")
         if "ddpm1000_no_guidance_seed0" in r:
             d = r["ddpm1000_no_guidance_seed0"]
-            row(r["device"], "same checkpoint", "", "ddpm 1000", 1.0, f"{d['test']:.4f} (seed 0)",
+            row(r["device"], "same checkpoint", "", f"ddpm {d.get('steps', 1000)}", 1.0, f"{d['test']:.4f} (seed 0)",
                 f"{d['new_test']:.4f} (seed 0)", "", "", f"`results/{path.name}`")
     print()
 

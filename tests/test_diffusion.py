@@ -118,6 +118,20 @@ def test_resume_matches_uninterrupted(runs):
         train.train(cfg)
 
 
+def test_config_paths_are_relative_to_the_repository(tmp_path, monkeypatch):
+    # config.json keeps repository paths relative, so a run resumes after the checkout moves
+    cfg = train.parse_args([])
+    assert (cfg.data_root, cfg.train_json, cfg.runs_dir) == ("data/iclevr_syn", "train.json",
+                                                             "runs")
+    assert train.repo_path(cfg.train_json) == ROOT / "train.json"
+    # typed paths are relative to the current directory; outside the repository they are kept
+    # absolute, inside it they become repository-relative
+    monkeypatch.chdir(tmp_path)
+    cfg = train.parse_args(["--data-root", "mine", "--train-json", str(ROOT / "train.json")])
+    assert cfg.data_root == str(tmp_path / "mine") and cfg.train_json == "train.json"
+    assert train.repo_path(cfg.data_root) == tmp_path / "mine"
+
+
 def test_sample_cli_writes_everything(runs, tmp_path):
     out = tmp_path / "images"
     p = run("sample.py", "--checkpoint", runs / "b", "--sampler", "dpm++", "--steps", 2,
@@ -246,6 +260,9 @@ def test_speedrun_recipe_yields_to_user_flags(runs):
                                       "fast", "--no-lr-by-time"])
     assert args.short and args.seeds == [0] and rest == ["--lr", "1e-3", "--preset", "fast",
                                                          "--no-lr-by-time"]
+    assert args.ddpm_baseline == 0  # off unless asked; 1000 steps when asked without a number
+    assert [speedrun.parse_args(a)[0].ddpm_baseline for a in (
+        ["--ddpm-baseline", "--cuda-graph"], ["--ddpm-baseline", "3"])] == [1000, 3]
     cfg = train.parse_args(speedrun.train_flags("r", 2.0, "cpu", rest))
     assert (cfg.lr, cfg.preset, cfg.lr_by_time) == (1e-3, "fast", False)  # the user's
     assert (cfg.batch_size, cfg.warmup_steps, cfg.max_minutes) == (256, 300, 2.0)  # the recipe's
