@@ -20,7 +20,6 @@ import signal
 import sys
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
