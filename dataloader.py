@@ -277,8 +277,9 @@ class ICLEVRDataset(Dataset):
         else:
             missing = missing_images(self.root, list(spec))
             if missing:
-                raise DataError(f"{_rel(self.spec_path)}: {len(missing)} of {len(spec)} images are "
-                                f"missing under {_rel(self.root)} (first: {', '.join(missing[:3])})")
+                raise DataError(f"{_rel(self.spec_path)}: {len(missing)} of {len(spec)} images "
+                                f"are missing under {_rel(self.root)} (first: "
+                                f"{', '.join(missing[:3])})")
         self.names = list(spec)
         self.labels = encode_batch([spec[n] for n in self.names], _rel(self.spec_path))
         self.images = None

@@ -20,7 +20,7 @@ from PIL import Image
 
 from dataloader import (IMAGE_SIZE, ROOT, TEST_JSONS, DataError, _rel, command_line,
                         encode_batch, load_conditions, load_image, run_cli, write_json)
-from evaluator import evaluation_model, frechet_distance, miss_kinds, per_image
+from evaluator import by_objects, evaluation_model, frechet_distance, miss_kinds, per_image
 
 FD_RENDERS, FD_SEED = 16, 0
 _REFERENCES = {}  # rendered reference images, reused across calls (speedrun scores repeatedly)
@@ -94,7 +94,7 @@ def score_folder(judge, folder, conditions_path, fd=False, fd_renders=FD_RENDERS
     correct, total = sum(r["correct"] for r in rows), sum(r["total"] for r in rows)
     result = {"conditions": _rel(conditions_path), "folder": _rel(folder),
               "accuracy": correct / total, "correct": correct, "total": total,
-              "misses": miss_kinds(rows)}
+              "misses": miss_kinds(rows), "by_objects": by_objects(rows)}
     if fd:
         result["fd"] = fd_against_renders(judge, images, conditions, fd_renders)
     return {**result, "per_image": rows}
@@ -132,6 +132,9 @@ def main(argv=None):
                 f"too few") if m["more_objects"] or m["fewer_objects"] else ""
         print(f"{cond.name}: accuracy {res['accuracy']:.4f} ({res['correct']}/{res['total']})"
               f"{fd}{why}")
+        print("  by number of objects: " + ", ".join(
+            f"{k}: {d['accuracy']:.4f} ({d['correct']}/{d['total']})"
+            for k, d in res["by_objects"].items()))
         if args.per_image:
             for i, r in enumerate(res["per_image"]):
                 wrong = "".join(f" | {what} {', '.join(r[what])}" for what in ("missing", "extra")

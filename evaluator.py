@@ -127,6 +127,21 @@ def miss_kinds(rows):
     return kinds
 
 
+def by_objects(rows):
+    """The lab's accuracy of per_image rows split by how many objects the condition asks for:
+    {"1": {"images", "correct", "total", "accuracy"}, "2": ..., "3": ...}. Why: a model that
+    draws single objects right but fails on three is failing at composition, not at objects."""
+    out = {}
+    for r in rows:
+        d = out.setdefault(str(r["total"]), {"images": 0, "correct": 0, "total": 0})
+        d["images"] += 1
+        d["correct"] += r["correct"]
+        d["total"] += r["total"]
+    for d in out.values():
+        d["accuracy"] = round(d["correct"] / d["total"], 4)
+    return dict(sorted(out.items(), key=lambda kv: int(kv[0])))
+
+
 # ---------------------------------------------------------------- image quality
 
 def frechet_distance(feats_a, feats_b):

@@ -17,7 +17,6 @@ import argparse
 import json
 import platform
 import time
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -93,7 +92,7 @@ def main(argv=None):
     import evaluate
     import sample
     import train
-    from evaluator import evaluation_model, miss_kinds, per_image
+    from evaluator import by_objects, evaluation_model, miss_kinds, per_image
 
     device = dl.resolve_device(args.device)
     dev = dl.device_tag(device)
@@ -190,7 +189,7 @@ def main(argv=None):
     # 4. Five seeds x both benchmark files, from the one final EMA checkpoint.
     files = {p.stem: dl.load_conditions(p) for p in dl.TEST_JSONS}
     acc = {k: [] for k in files}
-    misses = {k: Counter() for k in files}  # what the missed objects became, over all seeds
+    rows = {k: [] for k in files}  # per-image judgements, all seeds
     seconds, generated = [], {k: [] for k in files}
     for seed in args.seeds:
         t_seed = 0.0
@@ -199,7 +198,7 @@ def main(argv=None):
             t_seed += dt
             scores = judge.scores(images)  # once: the lab's accuracy and the misses
             acc[name].append(round(judge.compute_acc(scores, labels), 4))
-            misses[name].update(miss_kinds(per_image(scores, labels)))
+            rows[name] += per_image(scores, labels)
             generated[name].append(images)
         seconds.append(round(t_seed, 3))
         print(f"seed {seed}: " + "  ".join(f"{k} {v[-1]:.4f}" for k, v in acc.items())
@@ -208,11 +207,16 @@ def main(argv=None):
     result["accuracy_mean"] = {k: round(float(np.mean(v)), 4) for k, v in acc.items()}
     result["accuracy_std"] = {k: round(float(np.std(v)), 4) for k, v in acc.items()}
     result["sampling_seconds_both_files"] = seconds
-    result["misses_all_seeds"] = {k: dict(v) for k, v in misses.items()}
+    misses = {k: miss_kinds(v) for k, v in rows.items()}  # what the missed objects became
+    result["misses_all_seeds"] = misses
+    result["accuracy_by_objects_all_seeds"] = {k: by_objects(v) for k, v in rows.items()}
     print("missed objects, all seeds (wrong shape / wrong color / neither; images with too many "
           "/ too few objects): " + "  ".join(
               f"{k} {m['wrong_shape']}/{m['wrong_color']}/{m['neither']}; "
               f"{m['more_objects']}/{m['fewer_objects']}" for k, m in misses.items()))
+    print("accuracy by number of objects, all seeds: " + "  ".join(
+        f"{k} " + ", ".join(f"{n}: {d['accuracy']:.4f}" for n, d in b.items())
+        for k, b in result["accuracy_by_objects_all_seeds"].items()))
     save()
     # FD of all seeds' images of a file against evaluate.py's fixed renders of that file
     result["fd"] = {k: round(evaluate.fd_against_renders(judge, torch.cat(v), files[k]), 3)

@@ -23,7 +23,8 @@ import torch  # noqa: E402
 import sample  # noqa: E402
 from dataloader import (ROOT, DataError, _rel, command_line, device_tag,  # noqa: E402
                         encode_batch, resolve_device, run_cli, validation_conditions, write_json)
-from evaluator import compute_acc, evaluation_model, miss_kinds, per_image  # noqa: E402
+from evaluator import (by_objects, compute_acc, evaluation_model, miss_kinds,  # noqa: E402
+                       per_image)
 from model import resolve_checkpoint  # noqa: E402
 
 # name: (guidance scale, (lowest, highest) training timestep that is guided, None = all). The
@@ -56,8 +57,8 @@ def main():
            "versions": {"python": platform.python_version(), "torch": torch.__version__},
            "command": command_line(), "sampler": "dpm++", "steps": 25, "seed": args.seed,
            "conditions": args.conditions, "objects": int(labels.sum()), "settings": {}}
-    print(f"{'setting':16s} {'guided t':>10s} {'accuracy':>9s} {'too many':>9s} {'too few':>8s}"
-          f" {'seconds':>8s}")
+    print(f"{'setting':16s} {'guided t':>10s} {'accuracy':>9s} {'by objects':>24s} "
+          f"{'too many':>9s} {'too few':>8s} {'seconds':>8s}")
     for name in args.settings:
         w, interval = SETTINGS[name]
         t0 = time.perf_counter()
@@ -66,12 +67,14 @@ def main():
                                  scheduler_config=sched_cfg, progress=False)
         seconds = time.perf_counter() - t0
         scores = judge.scores(images)  # once: the lab's accuracy and the misses
-        acc, m = compute_acc(scores, labels), miss_kinds(per_image(scores, labels))
+        rows = per_image(scores, labels)
+        acc, m, by_k = compute_acc(scores, labels), miss_kinds(rows), by_objects(rows)
         guided = "all" if interval is None else f"{interval[0]}-{interval[1]}"
         res["settings"][name] = {"guidance": w, "guided_timesteps": interval,
-                                 "accuracy": round(acc, 4), "misses": m,
+                                 "accuracy": round(acc, 4), "misses": m, "by_objects": by_k,
                                  "seconds": round(seconds, 1)}
-        print(f"{name:16s} {guided:>10s} {acc:9.4f} {m['more_objects']:9d} "
+        per_k = ", ".join(f"{k}: {d['accuracy']:.2f}" for k, d in by_k.items())
+        print(f"{name:16s} {guided:>10s} {acc:9.4f} {per_k:>24s} {m['more_objects']:9d} "
               f"{m['fewer_objects']:8d} {seconds:8.1f}", flush=True)
         write_json(out, res)  # after every setting: a run cut short keeps what it measured
     print(f"wrote {out.relative_to(ROOT)}")

@@ -52,7 +52,8 @@ def main():
     if images < 3 or png_images < 3:
         raise dataloader.DataError("--images, --png-images: expected at least 3 (one scene)")
     bs = args.batch_size or render.DEFAULT_BATCH.get(device.type, 8)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
+    name = (torch.cuda.get_device_name(device) if device.type == "cuda"
+            else platform.processor() or platform.machine())
     load = os.getloadavg()[0]  # other processes on the machine slow the CPU numbers down
     out = args.out or dataloader.ROOT / "results" / f"render-{dataloader.device_tag(device)}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

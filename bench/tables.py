@@ -27,13 +27,25 @@ def misses(r):
             .format(**total))
 
 
+def by_objects(*groups):
+    """'1: 0.83, 2: 0.54, 3: 0.43': the lab's accuracy by the number of objects asked for,
+    pooled over evaluator.by_objects dicts (e.g. both benchmark files)."""
+    pooled = {}
+    for g in groups:
+        for k, d in g.items():
+            c, t = pooled.get(k, (0, 0))
+            pooled[k] = (c + d["correct"], t + d["total"])
+    return ", ".join(f"{k}: {c / t:.2f}" for k, (c, t) in sorted(pooled.items(),
+                                                                key=lambda kv: int(kv[0])))
+
+
 def speedrun_table():
     print("### Speedrun (`speedrun.py`), accuracy by the shipped judge, 5 seeds, one checkpoint\n")
     row("device", "training", "images/s", "sampler", "guidance", "test.json", "new_test.json",
         "FD test / new_test",
         "misses: wrong shape / wrong color / neither; images with too many / too few objects",
-        "file")
-    row(*["---"] * 10)
+        "accuracy by number of objects", "file")
+    row(*["---"] * 11)
     for path in sorted(RESULTS.glob("speedrun-*.json")):
         r = json.loads(path.read_text())
         if "accuracy_mean" not in r or "-short" in path.name:
@@ -44,11 +56,13 @@ def speedrun_table():
             r["guidance"], f"{m['test']:.4f} ± {s['test']:.4f}",
             f"{m['new_test']:.4f} ± {s['new_test']:.4f}",
             f"{r['fd']['test']:.0f} / {r['fd']['new_test']:.0f}", misses(r),
+            by_objects(*r.get("accuracy_by_objects_all_seeds", {}).values()),
             f"`results/{path.name}`")
         if "ddpm1000_no_guidance_seed0" in r:
             d = r["ddpm1000_no_guidance_seed0"]
-            row(r["device"], "same checkpoint", "", f"ddpm {d.get('steps', 1000)}", 1.0, f"{d['test']:.4f} (seed 0)",
-                f"{d['new_test']:.4f} (seed 0)", "", "", f"`results/{path.name}`")
+            row(r["device"], "same checkpoint", "", f"ddpm {d.get('steps', 1000)}", 1.0,
+                f"{d['test']:.4f} (seed 0)", f"{d['new_test']:.4f} (seed 0)", "", "", "",
+                f"`results/{path.name}`")
     print()
 
 
@@ -87,8 +101,8 @@ def ablation_table():
         row("run", "change", "accuracy vs " + name0, "steps", "images/s", "guidance",
             "test.json", "new_test.json", "FD test / new_test",
             "misses: shape / color / neither; too many / too few objects",
-            "validation accuracy during training", "file")
-        row(*["---"] * 12)
+            "accuracy by number of objects", "validation accuracy during training", "file")
+        row(*["---"] * 13)
         for name, path, r in runs:
             cfg = r["train_config"]
             change = ", ".join(f"{label} {cfg.get(k)}" for k, label in KNOBS.items()
@@ -101,6 +115,7 @@ def ablation_table():
                 r["guidance"], f"{m['test']:.4f} ± {s['test']:.4f}",
                 f"{m['new_test']:.4f} ± {s['new_test']:.4f}",
                 f"{r['fd']['test']:.0f} / {r['fd']['new_test']:.0f}", misses(r),
+                by_objects(*r.get("accuracy_by_objects_all_seeds", {}).values()),
                 " ".join(f"{c['val_accuracy']:.2f}@{c['step']}"
                          for c in r.get("learning_curve", [])),
                 f"`results/{path.name}`")
@@ -113,13 +128,14 @@ def guidance_table():
         print(f"### Where guidance helps (`bench/bench_guidance.py`), `{r['checkpoint']}`, "
               f"{r['conditions']} validation conditions ({r['objects']} objects), "
               f"{r['sampler']} {r['steps']} steps\n")
-        row("setting", "guidance", "guided timesteps", "accuracy", "images with too many objects",
-            "too few", "file")
-        row(*["---"] * 7)
+        row("setting", "guidance", "guided timesteps", "accuracy", "by number of objects",
+            "images with too many objects", "too few", "file")
+        row(*["---"] * 8)
         for name, v in r["settings"].items():
             t = v["guided_timesteps"]
             row(name, v["guidance"], "all" if t is None else f"{t[0]}-{t[1]}",
-                f"{v['accuracy']:.4f}", v["misses"]["more_objects"],
+                f"{v['accuracy']:.4f}", by_objects(v.get("by_objects", {})),
+                v["misses"]["more_objects"],
                 v["misses"]["fewer_objects"], f"`results/{path.name}`")
         print()
 

@@ -29,6 +29,9 @@ def test_ablation_table_and_curves(tmp_path, monkeypatch, capsys):
                                 "new_test": {"missed": 3, "wrong_shape": 1, "wrong_color": 0,
                                              "neither": 2, "more_objects": 2,
                                              "fewer_objects": 0}}
+    base["accuracy_by_objects_all_seeds"] = {  # pooled over both files: 1: 9/10, 2: 7/20
+        "test": {"1": {"correct": 4, "total": 5}, "2": {"correct": 3, "total": 10}},
+        "new_test": {"1": {"correct": 5, "total": 5}, "2": {"correct": 4, "total": 10}}}
     runs = {"h200-short-base": ({}, 0.0), "h200-short-b128": ({"batch_size": 128}, 0.05),
             "h200-short-fgw": ({"fg_weight": 10.0}, -0.02), "h100-short-base": ({}, 0.2),
             "h100-short-lr": ({"lr": 1e-3}, 0.1)}
@@ -54,5 +57,17 @@ def test_ablation_table_and_curves(tmp_path, monkeypatch, capsys):
         ["| base", "(reference)", "+0.0000"], ["| b128", "batch 128", "+0.0500"],
         ["| fgw", "object weight 10.0", "-0.0200"]]
     assert all("3 / 1 / 4; 6 / 1" in r and "0.20@500 0.40@1000" in r for r in rows)
+    assert all("1: 0.90, 2: 0.35" in r for r in rows)
     png = tables.plot_curves(tmp_path / "curves.png")
     assert png.stat().st_size > 5000
+
+
+def test_guidance_table_quotes_the_results_file(capsys):
+    tables.guidance_table()
+    out = capsys.readouterr().out
+    r = json.loads((ROOT / "results" / "guidance-cpu.json").read_text())
+    for name, v in r["settings"].items():
+        m = v["misses"]
+        assert (f"| {name} | {v['guidance']} | ") in out
+        assert (f"| {v['accuracy']:.4f} | {tables.by_objects(v['by_objects'])} | "
+                f"{m['more_objects']} | {m['fewer_objects']} |") in out

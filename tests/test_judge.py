@@ -115,6 +115,11 @@ def test_compute_acc_hand_worked():
     assert [len(r["found"]) for r in rows] == [2, 2, 3, 2] and "green cube" in rows[0]["found"]
     kinds = evaluator.miss_kinds(rows)
     assert kinds["missed"] == 2 and (kinds["more_objects"], kinds["fewer_objects"]) == (1, 0)
+    # the same hits split by the number of objects asked for (k = 1, 2, 2, 3 objects)
+    assert evaluator.by_objects(rows) == {
+        "1": {"images": 1, "correct": 1, "total": 1, "accuracy": 1.0},
+        "2": {"images": 2, "correct": 3, "total": 4, "accuracy": 0.75},
+        "3": {"images": 1, "correct": 2, "total": 3, "accuracy": 0.6667}}
 
 
 def test_compute_acc_ties_follow_torch_topk():
@@ -298,7 +303,7 @@ def test_evaluate_cli_output_and_json(scene_dir, lab_ckpt, capsys):
     lines = r.stdout.splitlines()
     m = LINE.match(lines[0])
     assert m and m.group(1) == "few.json" and m.group(4) == "23" and m.group(5), lines[0]
-    assert len(lines) == 1 + 8 and lines[1].startswith("    0: ")
+    assert len(lines) == 2 + 8 and lines[2].startswith("    0: ")
     report = json.loads((scene_dir / "m.json").read_text())
     assert report["command"].startswith("python evaluate.py --images ")
     metrics = report["files"]["few.json"]
@@ -310,6 +315,11 @@ def test_evaluate_cli_output_and_json(scene_dir, lab_ckpt, capsys):
              "fewer_objects"), kinds + counts))
     assert counts[0] + counts[1] == sum(len(r["found"]) != r["total"]
                                         for r in metrics["per_image"])
+    by_k = metrics["by_objects"]  # and the line under it: the accuracy by number of objects
+    assert lines[1] == "  by number of objects: " + ", ".join(
+        f"{k}: {d['accuracy']:.4f} ({d['correct']}/{d['total']})" for k, d in by_k.items())
+    assert sum(d["total"] for d in by_k.values()) == 23 and sum(
+        d["correct"] for d in by_k.values()) == metrics["correct"]
     conds = json.loads((scene_dir / "few.json").read_text())
     assert metrics["correct"] == bias_judge_correct(conds) == 3
     assert metrics["per_image"][5]["predicted"] == ["yellow cylinder", "cyan cylinder",
@@ -323,7 +333,7 @@ def test_evaluate_cli_output_and_json(scene_dir, lab_ckpt, capsys):
             "--checkpoint", str(lab_ckpt), "--no-fd", "--device", "cpu", "--json",
             str(scene_dir / "m2.json")]
     evaluate.main(argv)
-    assert LINE.match(capsys.readouterr().out.strip()).group(5) is None
+    assert LINE.match(capsys.readouterr().out.splitlines()[0]).group(5) is None
     # called in-process, the results file records the call's own arguments, not pytest's
     assert json.loads((scene_dir / "m2.json").read_text())["command"] == " ".join(
         ["python", "evaluate.py", *argv])
@@ -334,7 +344,7 @@ def test_evaluate_shipped_judge_true_vs_shuffled(scene_dir):
     r = run("evaluate.py", "--images", scene_dir, "--conditions", scene_dir / "few.json",
             scene_dir / "shuffled.json", "--device", "cpu", "--no-fd", cwd=scene_dir)
     assert r.returncode == 0, r.stderr
-    acc = {m.group(1): float(m.group(2)) for m in map(LINE.match, r.stdout.splitlines())}
+    acc = {m.group(1): float(m.group(2)) for m in map(LINE.match, r.stdout.splitlines()) if m}
     assert acc["few.json"] >= 0.94 and acc["shuffled.json"] <= 0.5, r.stdout
 
 
