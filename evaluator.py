@@ -90,6 +90,7 @@ def per_image(out, onehot_labels):
     """One dict per image: true labels, the judge's top-k, which are missing / extra, hits, and
     "found": every label the judge scores above 0.5, however many (the top-k cannot show an
     object too many)."""
+    out, onehot_labels = out.detach().float().cpu(), onehot_labels.detach().float().cpu()
     ks, hits, top = topk_hits(out, onehot_labels)
     rows = []
     for i, (k, h, t) in enumerate(zip(ks.tolist(), hits.tolist(), top)):

@@ -141,7 +141,8 @@ def main(argv=None):
         cuda_graph_replayed=end.get("cuda_graph_replayed"),
         started_at_steps=[r["step"] for r in log if r.get("event") == "start"],  # [0]: no resume
         learning_curve=[{"step": r["step"], "train_minutes": round(r["elapsed_s"] / 60, 2),
-                         "val_accuracy": round(r["eval_val_acc"], 4)}
+                         "val_accuracy": round(r["eval_val_acc"], 4),
+                         "val_accuracy_by_objects": r.get("eval_val_by_objects")}
                         for r in log if "eval_val_acc" in r],  # train.py --eval-every
         peak_gpu_memory_gb=(round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
                             if device.type == "cuda" else None))

@@ -529,6 +529,7 @@ def train(cfg):
                 eval_cache["model"] = _load_judge(device)
                 eval_cache["conds"] = encode_batch(validation_conditions(cfg.eval_conditions))
             if eval_cache["model"] is not None:
+                from evaluator import by_objects, per_image
                 from sample import generate
 
                 conds = eval_cache["conds"]
@@ -537,10 +538,15 @@ def train(cfg):
                                 guidance=cfg.eval_guidance, seed=0, batch_size=256,
                                 scheduler_config=noise_scheduler.config, progress=False)
                 imgs = to_float(to_uint8(imgs))  # score what a PNG would hold
-                score = float(eval_cache["model"].eval(imgs, conds))
+                judge = eval_cache["model"]
+                scores = judge.scores(imgs)
+                score = float(judge.compute_acc(scores, conds))
+                by_k = {k: d["accuracy"] for k, d in by_objects(per_image(scores, conds)).items()}
                 print(f"eval step {step}: validation accuracy {score:.4f} ({len(conds)} "
-                      f"conditions, guidance {cfg.eval_guidance})", flush=True)
-                log({"step": step, "elapsed_s": time.time() - t_start, "eval_val_acc": score})
+                      f"conditions, guidance {cfg.eval_guidance}) | by number of objects "
+                      + ", ".join(f"{k}: {a:.2f}" for k, a in by_k.items()), flush=True)
+                log({"step": step, "elapsed_s": time.time() - t_start, "eval_val_acc": score,
+                     "eval_val_by_objects": by_k})
         acc.wait_for_everyone()
 
     stop = _StopFlag()
