@@ -20,7 +20,8 @@ from PIL import Image
 
 from dataloader import (IMAGE_SIZE, ROOT, TEST_JSONS, DataError, _rel, command_line,
                         encode_batch, load_conditions, load_image, run_cli, write_json)
-from evaluator import by_objects, evaluation_model, frechet_distance, miss_kinds, per_image
+from evaluator import (by_objects, by_objects_text, evaluation_model, frechet_distance,
+                       miss_kinds, per_image)
 
 FD_RENDERS, FD_SEED = 16, 0
 _REFERENCES = {}  # rendered reference images, reused across calls (speedrun scores repeatedly)
@@ -132,9 +133,7 @@ def main(argv=None):
                 f"too few") if m["more_objects"] or m["fewer_objects"] else ""
         print(f"{cond.name}: accuracy {res['accuracy']:.4f} ({res['correct']}/{res['total']})"
               f"{fd}{why}")
-        print("  by number of objects: " + ", ".join(
-            f"{k}: {d['accuracy']:.4f} ({d['correct']}/{d['total']})"
-            for k, d in res["by_objects"].items()))
+        print("  by number of objects: " + by_objects_text(res["by_objects"], 4, counts=True))
         if args.per_image:
             for i, r in enumerate(res["per_image"]):
                 wrong = "".join(f" | {what} {', '.join(r[what])}" for what in ("missing", "extra")

@@ -143,6 +143,13 @@ def by_objects(rows):
     return dict(sorted(out.items(), key=lambda kv: int(kv[0])))
 
 
+def by_objects_text(by_k, digits=2, counts=False):
+    """by_objects(...) -> '1: 0.79, 2: 0.53, 3: 0.52' (counts=True adds ' (26/33)')."""
+    return ", ".join(f"{k}: {d['accuracy']:.{digits}f}"
+                     + (f" ({d['correct']}/{d['total']})" if counts else "")
+                     for k, d in by_k.items())
+
+
 # ---------------------------------------------------------------- image quality
 
 def frechet_distance(feats_a, feats_b):

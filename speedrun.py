@@ -92,7 +92,7 @@ def main(argv=None):
     import evaluate
     import sample
     import train
-    from evaluator import by_objects, evaluation_model, miss_kinds, per_image
+    from evaluator import by_objects, by_objects_text, evaluation_model, miss_kinds, per_image
 
     device = dl.resolve_device(args.device)
     dev = dl.device_tag(device)
@@ -216,8 +216,7 @@ def main(argv=None):
               f"{k} {m['wrong_shape']}/{m['wrong_color']}/{m['neither']}; "
               f"{m['more_objects']}/{m['fewer_objects']}" for k, m in misses.items()))
     print("accuracy by number of objects, all seeds: " + "  ".join(
-        f"{k} " + ", ".join(f"{n}: {d['accuracy']:.4f}" for n, d in b.items())
-        for k, b in result["accuracy_by_objects_all_seeds"].items()))
+        f"{k} {by_objects_text(b, 4)}" for k, b in result["accuracy_by_objects_all_seeds"].items()))
     save()
     # FD of all seeds' images of a file against evaluate.py's fixed renders of that file
     result["fd"] = {k: round(evaluate.fd_against_renders(judge, torch.cat(v), files[k]), 3)

@@ -112,18 +112,18 @@ class NonFiniteLoss(RuntimeError):
 
 # ---------------------------------------------------------------- config and flags
 
-def _parser(suppress=False):
+def _parser():
+    """TrainConfig's fields as flags. Only the flags given land in the namespace (the dataclass,
+    or a resumed run's config.json, supplies the rest); --help shows each default."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                 argument_default=argparse.SUPPRESS if suppress else None)
+                                 argument_default=argparse.SUPPRESS)
     for f in fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
-        kw = {} if suppress else {"default": f.default}
+        text = f"{f.metadata['help']} (default: {f.default!r})".replace("%", "%%")
         if f.type is bool:
-            ap.add_argument(flag, action=argparse.BooleanOptionalAction, help=f.metadata["help"],
-                            **kw)
+            ap.add_argument(flag, action=argparse.BooleanOptionalAction, help=text)
         else:
-            ap.add_argument(flag, type=f.type, choices=f.metadata.get("choices"),
-                            help=f.metadata["help"], **kw)
+            ap.add_argument(flag, type=f.type, choices=f.metadata.get("choices"), help=text)
     return ap
 
 
@@ -151,7 +151,7 @@ def parse_args(argv=None):
     """Flags -> TrainConfig. When resuming, the run's saved config.json is the base and only the
     flags given on the command line override it (so `--resume latest --max-steps 8` keeps the
     run's preset, batch size, ...)."""
-    given = vars(_parser(suppress=True).parse_args(argv))
+    given = vars(_parser().parse_args(argv))
     for name in set(PATH_FIELDS) & set(given):  # typed: relative to the current directory
         given[name] = portable_path(given[name])
     cfg = TrainConfig(**given)
@@ -529,7 +529,7 @@ def train(cfg):
                 eval_cache["model"] = _load_judge(device)
                 eval_cache["conds"] = encode_batch(validation_conditions(cfg.eval_conditions))
             if eval_cache["model"] is not None:
-                from evaluator import by_objects, per_image
+                from evaluator import by_objects, by_objects_text, per_image
                 from sample import generate
 
                 conds = eval_cache["conds"]
@@ -541,10 +541,10 @@ def train(cfg):
                 judge = eval_cache["model"]
                 scores = judge.scores(imgs)
                 score = float(judge.compute_acc(scores, conds))
-                by_k = {k: d["accuracy"] for k, d in by_objects(per_image(scores, conds)).items()}
+                by_k = by_objects(per_image(scores, conds))
                 print(f"eval step {step}: validation accuracy {score:.4f} ({len(conds)} "
                       f"conditions, guidance {cfg.eval_guidance}) | by number of objects "
-                      + ", ".join(f"{k}: {a:.2f}" for k, a in by_k.items()), flush=True)
+                      f"{by_objects_text(by_k)}", flush=True)
                 log({"step": step, "elapsed_s": time.time() - t_start, "eval_val_acc": score,
                      "eval_val_by_objects": by_k})
         acc.wait_for_everyone()

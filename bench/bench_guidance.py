@@ -23,8 +23,8 @@ import torch  # noqa: E402
 import sample  # noqa: E402
 from dataloader import (ROOT, DataError, _rel, command_line, device_tag,  # noqa: E402
                         encode_batch, resolve_device, run_cli, validation_conditions, write_json)
-from evaluator import (by_objects, compute_acc, evaluation_model, miss_kinds,  # noqa: E402
-                       per_image)
+from evaluator import (by_objects, by_objects_text, compute_acc, evaluation_model,  # noqa: E402
+                       miss_kinds, per_image)
 from model import resolve_checkpoint  # noqa: E402
 
 # name: (guidance scale, (lowest, highest) training timestep that is guided, None = all). The
@@ -73,9 +73,8 @@ def main():
         res["settings"][name] = {"guidance": w, "guided_timesteps": interval,
                                  "accuracy": round(acc, 4), "misses": m, "by_objects": by_k,
                                  "seconds": round(seconds, 1)}
-        per_k = ", ".join(f"{k}: {d['accuracy']:.2f}" for k, d in by_k.items())
-        print(f"{name:16s} {guided:>10s} {acc:9.4f} {per_k:>24s} {m['more_objects']:9d} "
-              f"{m['fewer_objects']:8d} {seconds:8.1f}", flush=True)
+        print(f"{name:16s} {guided:>10s} {acc:9.4f} {by_objects_text(by_k):>24s} "
+              f"{m['more_objects']:9d} {m['fewer_objects']:8d} {seconds:8.1f}", flush=True)
         write_json(out, res)  # after every setting: a run cut short keeps what it measured
     print(f"wrote {out.relative_to(ROOT)}")
 

@@ -361,7 +361,8 @@ def test_two_process_training(data, tmp_path):
     log = train._read_log(tmp_path / "ddp" / "log.jsonl")
     ev = next(r for r in log if "eval_val_acc" in r)  # the split covers all 1-3-object kinds
     assert ev["step"] == 3 and sorted(ev["eval_val_by_objects"]) == ["1", "2", "3"]
-    assert all(0 <= a <= 1 for a in ev["eval_val_by_objects"].values())
+    assert sum(d["total"] for d in ev["eval_val_by_objects"].values()) > 128  # every object
+    assert all(0 <= d["accuracy"] <= 1 for d in ev["eval_val_by_objects"].values())
     assert log[0]["world_size"] == 2
     ranks = next(r for r in log if r.get("event") == "ranks")
     assert ranks["in_sync"] and len(ranks["param_checksums"]) == 2

@@ -318,6 +318,7 @@ def test_evaluate_cli_output_and_json(scene_dir, lab_ckpt, capsys):
     by_k = metrics["by_objects"]  # and the line under it: the accuracy by number of objects
     assert lines[1] == "  by number of objects: " + ", ".join(
         f"{k}: {d['accuracy']:.4f} ({d['correct']}/{d['total']})" for k, d in by_k.items())
+    assert lines[1].endswith(evaluator.by_objects_text(by_k, 4, counts=True))
     assert sum(d["total"] for d in by_k.values()) == 23 and sum(
         d["correct"] for d in by_k.values()) == metrics["correct"]
     conds = json.loads((scene_dir / "few.json").read_text())
