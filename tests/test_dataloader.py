@@ -103,7 +103,7 @@ def test_dataset_on_lab_format(tmp_path, in_memory):
     assert dl.decode(lab) == sorted(spec[ds.names[4]], key=dl.OBJECTS.get)
     # Squash-resize exactly as the lab's Resize((64, 64)) on the PIL image.
     with Image.open(root / ds.names[4]) as im:
-        ref = np.asarray(im.convert("RGB").resize((64, 64), Image.BILINEAR))
+        ref = np.array(im.convert("RGB").resize((64, 64), Image.BILINEAR))
     assert torch.equal(dl.to_uint8(img), torch.from_numpy(ref).permute(2, 0, 1))
     batch = next(iter(dl.get_dataloader(root, spec_path, batch_size=4, in_memory=in_memory)))
     assert batch[0].shape == (4, 3, 64, 64) and batch[1].shape == (4, 24)
