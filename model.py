@@ -17,7 +17,8 @@ Checkpoint layout (written by train.py, read by sample.py):
   runs/NAME/checkpoint-STEP/scheduler/    scheduler_config.json (the training noise schedule)
   weights folder (export_fp16):           config.json + fp16 shards + scheduler_config.json
 
-`python model.py` prints the presets' sizes.
+`python model.py` prints the presets' sizes. train.py trains "xattn" unless told otherwise: it won
+the 2-minute GPU ablations by far (README, "Ablations").
 """
 import re
 import shutil
@@ -70,6 +71,13 @@ PRESETS = {
     "fast": dict(conditioning="embed", pixel_shuffle=4, block_out_channels=(128, 160, 192),
                  down_block_types=(_AD, _AD, _AD), up_block_types=(_AU, _AU, _AU),
                  layers_per_block=2, attention_head_dim=32, time_embedding_dim=256),
+    # xattn at 4x4 space-to-depth: the two gains of the 2-minute H200 ablations together (xattn
+    # +0.31, fast +0.09 and 2x the images/s: results/speedrun-h200-short-*.json). Cross-attention
+    # at 16x16 (objects 1-2 tokens wide), 8x8 and 4x4: 19.6M params, 3.3 GFLOP/img (xattn/2.7).
+    "xfast": dict(conditioning="xattn", pixel_shuffle=4, block_out_channels=(128, 160, 160),
+                  down_block_types=(_XD, _XD, _XD), up_block_types=(_XU, _XU, _XU),
+                  layers_per_block=2, attention_head_dim=32, time_embedding_dim=256,
+                  cross_attention_dim=128),
     # For CPU tests and demos (0.8M params, 0.6 GFLOP/img). Not 4x4 space-to-depth: conv_in
     # must not have fewer channels than its 3*s*s inputs, or the model cannot pass the
     # per-pixel noise through and never denoises fine detail.

@@ -1,7 +1,7 @@
 """Training throughput of one preset under speed options (batch size, channels_last,
 torch.compile, CUDA graph), with train.py's own TrainStep (bf16 autocast on CUDA, fused AdamW).
 
-    python bench/bench_train_variants.py --device cuda     # -> results/train-variants-<gpu>.json
+    python bench/bench_train_variants.py --device cuda  # results/train-variants-PRESET-GPU.json
 
 The JSON is rewritten after every variant, so a run cut short keeps what it measured.
 """
@@ -103,10 +103,12 @@ def main():
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--tag", default="",
+                    help="suffix of the results file name, so a rerun keeps an earlier file")
     args = ap.parse_args()
     device = resolve_device(args.device)
     speed_up_cuda(device)
-    out = ROOT / "results" / f"train-variants-{args.preset}-{device_tag(device)}.json"
+    out = ROOT / "results" / f"train-variants-{args.preset}-{device_tag(device)}{args.tag}.json"
     res = {"bench": "train variants", "preset": args.preset,
            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
            "versions": {"python": platform.python_version(), "torch": torch.__version__},

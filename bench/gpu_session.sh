@@ -11,7 +11,8 @@
 # at its limit still returns what finished); unpack here with  cat pack.tgz.* | tar xzf -
 # Environment: STAGES (default "render judge speedrun bench"), SPEEDRUN_MINUTES (3.8),
 # SPEEDRUN_FLAGS (extra train flags of the speedrun stage), ABLATIONS ("name:flags;name:flags"),
-# VARIANTS (bench_train_variants.py names, "b256;b256 graph").
+# VARIANTS (bench_train_variants.py names, "b256;b256 graph"), VARIANTS_TAG (e.g. -2: a new
+# results file instead of replacing the last one).
 # REHEARSE=1 runs the same stages with tiny sizes on the CPU, to catch mistakes before the lease.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -106,8 +107,10 @@ if has judge; then
 fi
 if has speedrun; then
   SHIPPED+=(weights/ddpm)
+  # training + about 130 s (render, guidance sweep, 5 seeds, PNGs, the DDPM row last); 7 minutes
+  # give 550 s, which with the setup, the stage's 20 s kill grace and the pack fits a 600 s call
   # shellcheck disable=SC2086
-  stage $(python3 -c "print(int($MIN * 60 + 110))") speedrun \
+  stage $(python3 -c "print(int($MIN * 60 + 130))") speedrun \
     $PY speedrun.py --minutes "$MIN" --ship --ddpm-baseline ${SPEEDRUN_FLAGS:-}
 fi
 has bench && stage 60 bench $PY bench/bench_diffusion.py --preset default --device cuda \
@@ -115,13 +118,12 @@ has bench && stage 60 bench $PY bench/bench_diffusion.py --preset default --devi
 IFS=';' read -ra variants <<< "${VARIANTS:-b256;b256 graph;b128 graph;b512 graph}"
 vlimit=120; [[ "${VARIANTS:-}" == *compile* ]] && vlimit=300  # a cold torch.compile takes minutes
 has variants && stage $vlimit variants $PY bench/bench_train_variants.py --device cuda --steps 20 \
-  --variants "${variants[@]}"
-# Default ablations, all with CUDA graphs (a capture that fails falls back to eager steps and
-# says so in the results file): the current recipe, the 4x4 space-to-depth preset (3.4x cheaper
-# per image: the 3.8-minute run saw each image only ~40 times) and cross-attention to label
-# tokens (half of the shipped model's images have a wrong number of objects:
-# results/guidance-cpu.json). About 165 s each (a smaller guidance sweep than the full
-# speedrun's); a stage is cut at 200 s, and the tool returns the packs of the stages that
-# finished even when the call hits its limit.
-ABLATIONS=${ABLATIONS:-"base:--cuda-graph;fast:--cuda-graph --preset fast;xattn:--cuda-graph --preset xattn"}
+  --tag="${VARIANTS_TAG:-}" --variants "${variants[@]}"
+# Default ablations: the second round, on the recipe that won the first (xattn, CUDA graphs:
+# speedrun.py's defaults on a GPU; results/speedrun-h200-short-*.json). The seed report's method
+# (label-map concat, 113.8M params) under the same budget; xattn at 4x4 space-to-depth (fast
+# doubled images/s and added +0.09 on top of default); the object-weighted loss. About 180 s
+# each; a stage is cut at 200 s, and the packs of the stages that finished come back even when
+# the call hits its limit.
+ABLATIONS=${ABLATIONS:-"seed:--preset seed;xfast:--preset xfast;fgw:--fg-weight 10"}
 has ablate && ablate 200 --guidance-grid 2 3 4 5 --val-conditions 128

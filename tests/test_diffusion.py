@@ -209,9 +209,12 @@ def test_presets_sizes():
     assert abs(count_params(build_model("seed")) - 113.7e6) < 0.2e6
     fast = build_model("fast")  # same capacity, under a third of default's cost per image
     assert count_params(fast) <= 16e6 and flops_per_image(fast) <= flops_per_image(default) / 3
+    xattn, xfast = build_model("xattn"), build_model("xfast")  # xattn at fast's token grid
+    assert count_params(xfast) <= 20e6 and flops_per_image(xfast) <= flops_per_image(xattn) / 2.5
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
-        assert fast(x, torch.tensor([500]), torch.zeros(1, 24)).shape == x.shape
+        for m in (fast, xfast):
+            assert m(x, torch.tensor([500]), torch.zeros(1, 24)).shape == x.shape
 
 
 def test_export_fp16(runs, tmp_path):
@@ -225,15 +228,15 @@ def test_export_fp16(runs, tmp_path):
     for k, v in model.state_dict().items():
         torch.testing.assert_close(v, ema[k], atol=1e-3, rtol=1e-3)
     assert sched_cfg["prediction_type"] == "v_prediction"
-    # the default preset's shipped weights: several fp16 shards, each at most 15 MiB
+    # the trained preset's shipped weights: several fp16 shards, each at most 15 MiB
     big = tmp_path / "big"
-    build_model("default").save_pretrained(big / "ema")
+    build_model("xattn").save_pretrained(big / "ema")
     make_noise_scheduler().save_config(big / "scheduler")
     dst = export_fp16(big, tmp_path / "big_weights")
     shards = list(dst.glob("*.safetensors"))
     assert len(shards) >= 2 and max(f.stat().st_size for f in shards) <= 15 * 2**20
     assert count_params(load_model(dst, torch.device("cpu"))[0]) == count_params(
-        build_model("default"))
+        build_model("xattn"))
     # sample.py on shipped weights, with an ad-hoc condition
     out = tmp_path / "custom"
     sample.main(["--checkpoint", str(tmp_path / "weights"), "--labels", "red sphere, cyan cube",
@@ -253,7 +256,7 @@ def test_sample_defaults_come_from_the_checkpoint(runs, tmp_path, capsys):
     assert "dpm++ 25 steps, guidance 1.0" in capsys.readouterr().out  # saved steps: ddim's
 
 
-def test_speedrun_recipe_yields_to_user_flags(runs):
+def test_speedrun_recipe_yields_to_user_flags(runs, monkeypatch):
     import speedrun
 
     args, rest = speedrun.parse_args(["--short", "--seeds", "0", "--lr", "1e-3", "--preset",
@@ -266,10 +269,16 @@ def test_speedrun_recipe_yields_to_user_flags(runs):
     cfg = train.parse_args(speedrun.train_flags("r", 2.0, "cpu", rest))
     assert (cfg.lr, cfg.preset, cfg.lr_by_time) == (1e-3, "fast", False)  # the user's
     assert (cfg.batch_size, cfg.warmup_steps, cfg.max_minutes) == (256, 300, 2.0)  # the recipe's
+    assert not cfg.cuda_graph and train.parse_args([]).preset == "xattn"  # on the CPU: no graph
     # resuming a run keeps its own recipe (run a: tiny, batch 4), not RECIPE; the budget is new
     cfg = train.parse_args(speedrun.train_flags("a", 3.0, "cpu", ["--resume", "latest",
                                                                  "--runs-dir", str(runs)]))
     assert (cfg.preset, cfg.batch_size, cfg.warmup_steps, cfg.max_minutes) == ("tiny", 4, 2, 3.0)
+    # on a GPU the recipe also captures the step in a CUDA graph, unless the user says no
+    monkeypatch.setattr(speedrun.dl, "resolve_device", lambda d: torch.device("cuda"))
+    flags = speedrun.train_flags("r", 2.0, "auto", ["--no-cuda-graph"])
+    assert flags.index("--cuda-graph") < flags.index("--no-cuda-graph")
+    assert "--cuda-graph" not in speedrun.train_flags("r", 2.0, "auto", ["--resume", "latest"])
 
 
 def test_fg_weight_loss_is_a_weighted_pixel_mean():
