@@ -80,9 +80,12 @@ if [ "${REHEARSE:-0}" = 1 ]; then
   has render && stage 120 render $PY bench/bench_render.py --images 256
   has judge && stage 300 judge $PY train_judge.py --train-scenes 64 --val-scenes 16 \
     --max-minutes 0.5 --batch-size 32
+  has speedrun && SHIPPED+=(weights/ddpm)  # packed as on the GPU
+  # shellcheck disable=SC2086  # SPEEDRUN_FLAGS too, so the real call's flags are rehearsed
   has speedrun && stage 900 speedrun $PY speedrun.py --minutes 0.3 --ship --ddpm-baseline 3 \
     --preset tiny --seeds 0 1 --val-conditions 8 --guidance-grid 1 2 --batch-size 8 \
-    --warmup-steps 5 --save-every 20 --log-every 5
+    --warmup-steps 5 --save-every 20 --log-every 5 --eval-conditions 4 --eval-steps 2 \
+    ${SPEEDRUN_FLAGS:-}
   has bench && stage 300 bench $PY bench/bench_diffusion.py --preset tiny --baseline-images 1
   IFS=';' read -ra variants <<< "${VARIANTS:-b256;b128 graph}"
   has variants && stage 300 variants $PY bench/bench_train_variants.py --preset tiny \
@@ -107,10 +110,10 @@ if has judge; then
 fi
 if has speedrun; then
   SHIPPED+=(weights/ddpm)
-  # training + about 130 s (render, guidance sweep, 5 seeds, PNGs, the DDPM row last); 7 minutes
-  # give 550 s, which with the setup, the stage's 20 s kill grace and the pack fits a 600 s call
+  # training + about 140 s for xattn (render, guidance sweep, 5 seeds, PNGs, the 50 s DDPM row
+  # last); 6.5 minutes give 540 s, which with the setup and the pack fits a 600 s call
   # shellcheck disable=SC2086
-  stage $(python3 -c "print(int($MIN * 60 + 130))") speedrun \
+  stage $(python3 -c "print(int($MIN * 60 + 150))") speedrun \
     $PY speedrun.py --minutes "$MIN" --ship --ddpm-baseline ${SPEEDRUN_FLAGS:-}
 fi
 has bench && stage 60 bench $PY bench/bench_diffusion.py --preset default --device cuda \
