@@ -8,7 +8,8 @@ results/speedrun-<device>.json.
     python speedrun.py --short --tag=-fast --preset fast   # an ablation
     python speedrun.py --resume latest  # finish a run that was cut short (same budget and tag)
 
-Flags this script does not know go to train.py, after the recipe (RECIPE below).
+Flags this script does not know go to train.py, after the recipe (RECIPE below, and GPU_RECIPE
+when it trains on a GPU).
 
 The guidance scale is chosen on a validation set of random conditions (never on the benchmark
 files), and all seeds come from the one final checkpoint: no checkpoint or seed picking.

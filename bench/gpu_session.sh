@@ -10,9 +10,9 @@
 # What it made is packed into $OUT as pack.tgz.NN (15 MB parts) after every stage (a call killed
 # at its limit still returns what finished); unpack here with  cat pack.tgz.* | tar xzf -
 # Environment: STAGES (default "render judge speedrun bench"), SPEEDRUN_MINUTES (3.8),
-# SPEEDRUN_FLAGS (extra train flags of the speedrun stage), ABLATIONS ("name:flags;name:flags"),
-# VARIANTS (bench_train_variants.py names, "b256;b256 graph"), VARIANTS_TAG (e.g. -2: a new
-# results file instead of replacing the last one).
+# SPEEDRUN_FLAGS (extra speedrun.py flags: its own, e.g. --tag, or train.py's), ABLATIONS
+# ("name:flags;name:flags"), VARIANTS (bench_train_variants.py names, "b256;b256 graph"),
+# VARIANTS_TAG (e.g. -2: a new results file instead of replacing the last one).
 # REHEARSE=1 runs the same stages with tiny sizes on the CPU, to catch mistakes before the lease.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -122,11 +122,10 @@ IFS=';' read -ra variants <<< "${VARIANTS:-b256;b256 graph;b128 graph;b512 graph
 vlimit=120; [[ "${VARIANTS:-}" == *compile* ]] && vlimit=300  # a cold torch.compile takes minutes
 has variants && stage $vlimit variants $PY bench/bench_train_variants.py --device cuda --steps 20 \
   --tag="${VARIANTS_TAG:-}" --variants "${variants[@]}"
-# Default ablations: the second round, on the recipe that won the first (xattn, CUDA graphs:
-# speedrun.py's defaults on a GPU; results/speedrun-h200-short-*.json). The seed report's method
-# (label-map concat, 113.8M params) under the same budget; xattn at 4x4 space-to-depth (fast
-# doubled images/s and added +0.09 on top of default); the object-weighted loss. About 180 s
-# each; a stage is cut at 200 s, and the packs of the stages that finished come back even when
-# the call hits its limit.
-ABLATIONS=${ABLATIONS:-"seed:--preset seed;xfast:--preset xfast;fgw:--fg-weight 10"}
+# Default ablations: on the recipe that won the first round (xattn, CUDA graphs: speedrun.py's
+# defaults on a GPU; results/speedrun-h200-short-*.json), the seed report's method (label-map
+# concat, 113.8M params) under the same budget, the object-weighted loss and batch 512 (8% more
+# images/s with CUDA graphs). About 180 s each; a stage is cut at 200 s, and the packs of the
+# stages that finished come back even when the call hits its limit.
+ABLATIONS=${ABLATIONS:-"seed:--preset seed;fgw:--fg-weight 10;b512:--batch-size 512"}
 has ablate && ablate 200 --guidance-grid 2 3 4 5 --val-conditions 128
