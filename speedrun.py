@@ -110,7 +110,16 @@ def main(argv=None):
     results_dir = Path(args.results_dir)
     path = results_dir / f"speedrun-{dev}{'-short' if args.short else ''}{args.tag}.json"
 
+    phases = result["phase_seconds"] = {}  # wall seconds per stage: what a GPU call must fit
+    clock = [time.time()]
+
+    def lap(name):
+        now = time.time()
+        phases[name] = round(now - clock[0], 1)
+        clock[0] = now
+
     def save():  # after every stage, so a run cut short keeps what it measured
+        result["written_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         dl.write_json(path, result)
 
     try:
@@ -118,17 +127,21 @@ def main(argv=None):
     except dl.DataError as e:  # still worth training (and shipping); score later
         print(f"warning: no judge ({e}); training only, score later with evaluate.py")
         judge = None
+    lap("judge")
 
-    # 1. The training set (rendered on the device when missing).
+    # 1. The training set, train.py's --data-root and --train-json (the synthetic default),
+    #    rendered on the device when missing.
+    cfg = train.parse_args(train_flags(run_name, minutes, args.device, train_argv))
     t0 = time.time()
-    spec = dl.load_spec(dl.TRAIN_JSON)
-    dl.ensure_images(dl.DATA_ROOT, spec, dl.TRAIN_JSON, device=str(device))
+    spec_path = dl.repo_path(cfg.train_json)
+    dl.ensure_images(dl.repo_path(cfg.data_root), dl.load_spec(spec_path), spec_path,
+                     device=str(device))
     result["data_seconds"] = round(time.time() - t0, 1)
+    lap("data")
 
     # 2. Train for the budget. Extra flags pass through to train.py.
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    cfg = train.parse_args(train_flags(run_name, minutes, args.device, train_argv))
     t0 = time.time()
     run_dir = Path(train.train(cfg))
     train_seconds = time.time() - t0
@@ -159,6 +172,7 @@ def main(argv=None):
         import model as model_lib
 
         model_lib.export_fp16(ckpt, ROOT / "weights" / "ddpm")
+    lap("train")  # with its setup, its --eval-every evaluations and the last checkpoint
     save()
     if judge is None:
         return result
@@ -189,6 +203,7 @@ def main(argv=None):
     else:
         guidance = float(args.guidance)
     result.update(sampler=args.sampler, sampler_steps=args.steps, guidance=guidance)
+    lap("guidance_sweep")
     if args.ship:  # sample.py's defaults for the shipped weights: what they were scored with
         dl.write_json(ROOT / "weights" / "ddpm" / sample.SAMPLE_CONFIG,
                       {"sampler": args.sampler, "steps": args.steps, "guidance": guidance})
@@ -223,10 +238,12 @@ def main(argv=None):
               f"{m['more_objects']}/{m['fewer_objects']}" for k, m in misses.items()))
     print("accuracy by number of objects, all seeds: " + "  ".join(
         f"{k} {by_objects_text(b, 4)}" for k, b in result["accuracy_by_objects_all_seeds"].items()))
+    lap("seeds")
     save()
     # FD of all seeds' images of a file against evaluate.py's fixed renders of that file
     result["fd"] = {k: round(evaluate.fd_against_renders(judge, torch.cat(v), files[k]), 3)
                     for k, v in generated.items()}
+    lap("fd")
 
     # 5. Seed 0 written by sample.py itself (PNGs, grids, denoising strip) and scored from disk,
     #    the same path as `python sample.py && python evaluate.py`.
@@ -237,6 +254,7 @@ def main(argv=None):
     result["seed0_from_png"] = {p.stem: evaluate.score_folder(judge, out / p.stem, p)["accuracy"]
                                 for p in dl.TEST_JSONS}
     result["images"] = str(out.relative_to(ROOT)) if out.is_relative_to(ROOT) else str(out)
+    lap("seed0_pngs")
     save()
 
     # 6. Ablation row: the seed report's sampler, 1000-step DDPM without guidance. Both files in
@@ -252,6 +270,7 @@ def main(argv=None):
             start += len(conds)
         result["ddpm1000_no_guidance_seed0"] = {**row, "steps": args.ddpm_baseline,
                                                 "seconds_both_files": round(dt, 2)}
+        lap("ddpm")
 
     save()
     print(f"\n| file | accuracy mean +- std over {len(args.seeds)} seeds | FD |")

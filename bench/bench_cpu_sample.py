@@ -2,15 +2,20 @@
 checked against the GPU speedrun's seed-0 accuracy (within one label per file: CPU float32 and
 GPU bf16 round differently).
 
-    python bench/bench_cpu_sample.py          # -> results/cpu-sample-<device>.json
+    python bench/bench_cpu_sample.py                  # -> results/cpu-sample-<device>.json
+    python bench/bench_cpu_sample.py --preset xfast   # -> results/cpu-sample-xfast-untrained-<device>.json
 
 Both scripts run as subprocesses exactly as a user runs them (defaults: shipped weights, the
 sampler settings in weights/ddpm/sample_config.json); only the output folder is a temporary one.
+--preset times sample.py alone with untrained fp16 weights of a preset, saved as the shipped
+ones are, with the shipped sampler settings: what a candidate recipe would cost here before a
+GPU run trains it (the cost does not depend on the weights' values).
 """
 import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -22,6 +27,20 @@ sys.path.insert(0, str(ROOT))
 
 from dataloader import (TEST_JSONS, command_line, load_conditions, run_cli,  # noqa: E402
                         write_json)
+from model import (PRESETS, SHARD_SIZE, WEIGHTS_DIR, build_model, count_params,  # noqa: E402
+                   flops_per_image, make_noise_scheduler)
+from sample import SAMPLE_CONFIG  # noqa: E402
+
+
+def untrained_weights(preset, folder):
+    """Random weights of a preset, saved as the shipped ones are (fp16 shards, scheduler and
+    sampler settings): sampling costs the same whatever the weights' values."""
+    net = build_model(preset)
+    net.half().save_pretrained(folder, safe_serialization=True, max_shard_size=SHARD_SIZE)
+    make_noise_scheduler().save_config(folder)
+    shutil.copy(WEIGHTS_DIR / SAMPLE_CONFIG, folder)
+    return {"preset": preset, "params": count_params(net),
+            "gflop_per_image": round(flops_per_image(net) / 1e9, 2)}
 
 
 def main():
@@ -29,33 +48,41 @@ def main():
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--speedrun", type=Path, default=ROOT / "results" / "speedrun-h200.json",
                     help="the GPU run whose seed-0 accuracy the shipped weights must reproduce")
+    ap.add_argument("--preset", choices=list(PRESETS), default=None,
+                    help="time sample.py with untrained weights of this preset (no accuracy check)")
     args = ap.parse_args()
-    ref = json.loads(args.speedrun.read_text())["seed0_from_png"]
+    ref = None if args.preset else json.loads(args.speedrun.read_text())["seed0_from_png"]
     res = {"bench": "cpu sample", "device": args.device, "cpu_count": os.cpu_count(),
            "loadavg_1m_at_start": os.getloadavg()[0], "python": platform.python_version(),
            "command": command_line()}
     with tempfile.TemporaryDirectory() as tmp:
+        images, flags = Path(tmp) / "images", ["--device", args.device]
+        if args.preset:
+            res.update(untrained_weights(args.preset, Path(tmp) / "weights"))
+            flags += ["--checkpoint", str(Path(tmp) / "weights")]
         t0 = time.perf_counter()
-        subprocess.run([sys.executable, "sample.py", "--device", args.device, "--out", tmp],
-                       cwd=ROOT, check=True)
+        subprocess.run([sys.executable, "sample.py", *flags, "--out", str(images)], cwd=ROOT,
+                       check=True)
         res["sample_seconds"] = round(time.perf_counter() - t0, 1)
-        metrics = Path(tmp) / "metrics.json"
-        subprocess.run([sys.executable, "evaluate.py", "--device", args.device, "--images", tmp,
-                        "--json", str(metrics)], cwd=ROOT, check=True)
-        files = json.loads(metrics.read_text())["files"]
-    res["accuracy"], res["gpu_seed0_accuracy"], res["labels_apart"] = {}, {}, {}
-    for path in TEST_JSONS:
-        got, want = files[path.name]["accuracy"], ref[path.stem]
-        total = sum(map(len, load_conditions(path)))
-        res["accuracy"][path.stem], res["gpu_seed0_accuracy"][path.stem] = got, want
-        res["labels_apart"][path.stem] = round(abs(got - want) * total)
-    res["reproduced_within_one_label"] = all(v <= 1 for v in res["labels_apart"].values())
-    res["under_10_minutes"] = res["sample_seconds"] <= 600
-    print(f"\nsample.py: {res['sample_seconds']:.0f} s on {args.device} (target <= 600 s)")
-    for k in res["accuracy"]:
-        print(f"{k}: {res['accuracy'][k]:.4f} here vs {res['gpu_seed0_accuracy'][k]:.4f} on the "
-              f"GPU ({res['labels_apart'][k]} labels apart)")
-    out = ROOT / "results" / f"cpu-sample-{args.device}.json"
+        res["under_10_minutes"] = res["sample_seconds"] <= 600
+        name = f"cpu-sample-{args.preset}-untrained" if args.preset else "cpu-sample"
+        print(f"\nsample.py{f', untrained {args.preset}' if args.preset else ''}: "
+              f"{res['sample_seconds']:.0f} s on {args.device} (target <= 600 s)")
+        if ref is not None:
+            metrics = Path(tmp) / "metrics.json"
+            subprocess.run([sys.executable, "evaluate.py", "--device", args.device, "--images",
+                            str(images), "--json", str(metrics)], cwd=ROOT, check=True)
+            files = json.loads(metrics.read_text())["files"]
+            res["accuracy"], res["gpu_seed0_accuracy"], res["labels_apart"] = {}, {}, {}
+            for path in TEST_JSONS:
+                got, want = files[path.name]["accuracy"], ref[path.stem]
+                total = sum(map(len, load_conditions(path)))
+                res["accuracy"][path.stem], res["gpu_seed0_accuracy"][path.stem] = got, want
+                res["labels_apart"][path.stem] = round(abs(got - want) * total)
+                print(f"{path.stem}: {got:.4f} here vs {want:.4f} on the GPU "
+                      f"({res['labels_apart'][path.stem]} labels apart)")
+            res["reproduced_within_one_label"] = all(v <= 1 for v in res["labels_apart"].values())
+    out = ROOT / "results" / f"{name}-{args.device}.json"
     write_json(out, res)
     print(f"wrote {out.relative_to(ROOT)}")
 

@@ -66,7 +66,7 @@ def speedrun_table():
     print()
 
 
-# The recipe knobs an ablation row names, when they differ from the first row's.
+# The recipe knobs an ablation row names, when they differ from the reference row's.
 KNOBS = {"preset": "preset", "fg_weight": "object weight", "prediction_type": "prediction",
          "snr_gamma": "min-SNR",
          "lr": "lr", "batch_size": "batch", "ema_decay": "EMA", "cond_drop": "cond drop",
@@ -74,10 +74,23 @@ KNOBS = {"preset": "preset", "fg_weight": "object weight", "prediction_type": "p
          "mixed_precision": "precision"}
 
 
+def knobs(cfg):
+    return {k: cfg.get(k) for k in KNOBS}
+
+
+def recipe_config():
+    """train_config of the newest full (not --short) speedrun: the recipe as it stands. None
+    while no full speedrun says when it was written (`written_at`, since 2026-11-27)."""
+    dated = [r for p in RESULTS.glob("speedrun-*.json")
+             if "-short" not in p.name and "written_at" in (r := json.loads(p.read_text()))]
+    return max(dated, key=lambda r: r["written_at"])["train_config"] if dated else None
+
+
 def ablation_runs():
     """{device tag: [(name, path, results)]} of the short speedruns (speedrun.py --short
-    --tag=-NAME), each device's reference run (tag -base) first: runs compare within one kind of
-    GPU only."""
+    --tag=-NAME), runs compare within one kind of GPU only. Each device's reference run comes
+    first: the one trained with the recipe of the newest full speedrun, else the one tagged
+    -base. So once a recipe wins, the next round's rows read as changes to it."""
     groups = {}
     for path in sorted(RESULTS.glob("speedrun-*-short*.json")):
         r = json.loads(path.read_text())
@@ -85,8 +98,12 @@ def ablation_runs():
             prefix, name = path.stem.split("-short", 1)
             groups.setdefault(prefix.removeprefix("speedrun-"), []).append(
                 (name.lstrip("-") or "short", path, r))
+    recipe = recipe_config()
     for runs in groups.values():
-        runs.sort(key=lambda run: run[0] != "base")
+        ref = next((run for run in runs if recipe and knobs(run[2]["train_config"]) ==
+                    knobs(recipe)), None) or next((run for run in runs if run[0] == "base"),
+                                                   runs[0])
+        runs.sort(key=lambda run: run is not ref)
     return groups
 
 
@@ -204,7 +221,9 @@ def speed_table():
                 f"losses within {r['graph_check']['max_rel_diff']:.2%}", f"`results/{path.name}`")
     for path in sorted(RESULTS.glob("cpu-sample-*.json")):
         r = json.loads(path.read_text())
-        row("`python sample.py` (shipped weights, both files)", f"{r['cpu_count']}-core CPU",
+        weights = (f"untrained {r['preset']} weights, {r['params'] / 1e6:.2f}M params, "
+                   f"{r['gflop_per_image']} GFLOP/img" if "preset" in r else "shipped weights")
+        row(f"`python sample.py` ({weights}, both files)", f"{r['cpu_count']}-core CPU",
             f"{r['sample_seconds']:.0f} s", f"`results/{path.name}`")
     print()
 

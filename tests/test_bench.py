@@ -1,6 +1,7 @@
-"""bench/tables.py: README's tables come from the results files (CPU, no GPU results needed)."""
+"""bench/: README's tables come from the results files; the diffusers wheel slimmer (CPU, no GPU)."""
 import json
 import subprocess
+import zipfile
 import sys
 from pathlib import Path
 
@@ -60,6 +61,20 @@ def test_ablation_table_and_curves(tmp_path, monkeypatch, capsys):
     assert all("1: 0.90, 2: 0.35" in r for r in rows)
     png = tables.plot_curves(tmp_path / "curves.png")
     assert png.stat().st_size > 5000
+    # once a full speedrun says when it ran, its recipe's short run becomes the reference (a
+    # file without written_at, like the one-month-old default-preset speedrun, never does)
+    newest = {**base, "train_config": {**base["train_config"], "batch_size": 128},
+              "written_at": "2026-12-01T10:00:00Z"}
+    (tmp_path / "speedrun-h200-6.5min.json").write_text(json.dumps(newest))
+    (tmp_path / "speedrun-h200-old.json").write_text(json.dumps(
+        {**base, "written_at": "2026-11-01T10:00:00Z"}))
+    tables.ablation_table()
+    rows = [line.split(" | ")[:3] for line in capsys.readouterr().out.splitlines()
+            if line.startswith("| ") and not line.startswith(("| run", "| ---"))]
+    assert rows == [
+        ["| base", "(reference)", "+0.0000"], ["| lr", "lr 0.001", "-0.1000"],
+        ["| b128", "(reference)", "+0.0000"], ["| base", "batch 256", "-0.0500"],
+        ["| fgw", "object weight 10.0, batch 256", "-0.0700"]]
 
 
 def test_guidance_table_quotes_the_results_file(capsys):
@@ -71,3 +86,38 @@ def test_guidance_table_quotes_the_results_file(capsys):
         assert (f"| {name} | {v['guidance']} | ") in out
         assert (f"| {v['accuracy']:.4f} | {tables.by_objects(v['by_objects'])} | "
                 f"{m['more_objects']} | {m['fewer_objects']} |") in out
+
+
+def test_slim_wheel_drops_pipelines_and_their_record_lines(tmp_path):
+    kept = ["diffusers/__init__.py", "diffusers/pipelines/__init__.py",
+            "diffusers/pipelines/pipeline_utils.py", "diffusers/models/unets/unet_2d.py"]
+    gone = ["diffusers/pipelines/flux/pipeline_flux.py", "diffusers/commands/env.py",
+            "diffusers/modular_pipelines/x.py", "diffusers/models/controlnets/c.py"]
+    record = "diffusers-0.0.dist-info/RECORD"
+    whl = tmp_path / "diffusers-0.0-py3-none-any.whl"
+    with zipfile.ZipFile(whl, "w") as z:
+        for name in kept + gone:
+            z.writestr(name, "x = 1\n" * 1000)
+        z.writestr(record, "".join(f"{n},sha256=abc,6000\n" for n in kept + gone) + f"{record},,\n")
+    p = subprocess.run([sys.executable, str(ROOT / "bench" / "slim_wheel.py"), str(whl)],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    with zipfile.ZipFile(whl) as z:
+        assert sorted(z.namelist()) == sorted(kept + [record])
+        lines = z.read(record).decode().splitlines()
+    assert [line.split(",")[0] for line in lines] == kept + [record]
+    p = subprocess.run([sys.executable, str(ROOT / "bench" / "slim_wheel.py"),
+                        str(tmp_path / "record")], capture_output=True, text=True, timeout=60)
+    assert p.returncode != 0 and "not a wheel" in p.stderr
+
+
+def test_cpu_sample_bench_untrained_weights_load_like_shipped_ones(tmp_path):
+    import bench_cpu_sample
+    import sample
+    from model import build_model, count_params
+
+    info = bench_cpu_sample.untrained_weights("tiny", tmp_path / "w")
+    assert info["preset"] == "tiny" and info["params"] == count_params(build_model("tiny"))
+    net, _ = sample.load_model(tmp_path / "w", "cpu")  # what sample.py --checkpoint does
+    assert net.config.conditioning == build_model("tiny").config.conditioning
+    assert sample.sample_config(tmp_path / "w") == sample.sample_config(ROOT / "weights" / "ddpm")

@@ -281,6 +281,36 @@ def test_speedrun_recipe_yields_to_user_flags(runs, monkeypatch):
     assert "--cuda-graph" not in speedrun.train_flags("r", 2.0, "auto", ["--resume", "latest"])
 
 
+def test_speedrun_end_to_end(data, tmp_path):
+    """speedrun.py's whole path on the CPU (tiny preset, fake data, 2 seeds, 2 sampler steps):
+    train for the budget, choose guidance on validation, score both files per seed, FD, seed 0
+    written by sample.py and scored from its PNGs, the DDPM row; the results file has the keys
+    issue 5 asks for and the wall time of each stage."""
+    run("speedrun.py", "--minutes", 0.01, "--seeds", 0, 1, "--steps", 2, "--val-conditions", 4,
+        "--guidance-grid", 1, 3, "--ddpm-baseline", 2, "--results-dir", tmp_path,
+        "--device", "cpu", *TINY, *data, "--runs-dir", tmp_path / "runs", "--warmup-steps", 1,
+        cwd=tmp_path, timeout=600)
+    r = json.loads((tmp_path / "speedrun-cpu.json").read_text())
+    for key in ("device", "train_minutes", "train_images_per_s", "sampler", "sampler_steps",
+                "guidance", "fd", "command", "versions", "peak_gpu_memory_gb", "steps"):
+        assert key in r, key
+    assert (r["sampler"], r["sampler_steps"], r["device"]) == ("dpm++", 2, "cpu")
+    assert r["guidance"] in (1.0, 3.0) and set(r["guidance_sweep_validation"]) == {"1.0", "3.0"}
+    assert {k: len(v) for k, v in r["accuracy"].items()} == {"test": 2, "new_test": 2}
+    assert r["steps"] >= 1 and r["train_config"]["preset"] == "tiny"
+    assert r["train_config"]["data_root"] == str(data[1])  # the data it was given, not the default
+    assert set(r["fd"]) == {"test", "new_test"} and r["ddpm1000_no_guidance_seed0"]["steps"] == 2
+    assert list(r["phase_seconds"]) == ["judge", "data", "train", "guidance_sweep", "seeds", "fd",
+                                        "seed0_pngs", "ddpm"]
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", r["written_at"])
+    # sample.py's seed-0 PNGs, scored from disk, are the images speedrun.py scored in memory
+    assert {k: round(v, 4) for k, v in r["seed0_from_png"].items()} == {
+        k: v[0] for k, v in r["accuracy"].items()}
+    images = tmp_path / "runs" / "speedrun-cpu" / "images"
+    assert len(list((images / "test").glob("*.png"))) == 32
+    assert (images / "new_test_grid.png").is_file() and (images / "denoise_process.png").is_file()
+
+
 def test_fg_weight_loss_is_a_weighted_pixel_mean():
     sched = make_noise_scheduler(prediction_type="epsilon")
     pred = torch.randn(2, 3, 64, 64)
