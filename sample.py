@@ -42,7 +42,8 @@ GUIDANCE = 2.0
 PROCESS_LABELS = ["red sphere", "cyan cylinder", "cyan cube"]
 PROCESS_FRAMES = 10
 OUT_DIR = ROOT / "images"
-SAMPLE_CONFIG = "sample_config.json"  # {"sampler", "steps", "guidance"} beside shipped weights
+SAMPLE_CONFIG = "sample_config.json"  # {"sampler", "steps", "guidance", "speedrun"} beside
+# shipped weights: the settings they were scored with and the results file that scored them
 
 
 # ---------------------------------------------------------------- loading

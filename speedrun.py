@@ -204,9 +204,11 @@ def main(argv=None):
         guidance = float(args.guidance)
     result.update(sampler=args.sampler, sampler_steps=args.steps, guidance=guidance)
     lap("guidance_sweep")
-    if args.ship:  # sample.py's defaults for the shipped weights: what they were scored with
+    if args.ship:  # sample.py's defaults for the shipped weights: what they were scored with,
+        # and the results file that scored them (bench_cpu_sample.py checks against it)
         dl.write_json(ROOT / "weights" / "ddpm" / sample.SAMPLE_CONFIG,
-                      {"sampler": args.sampler, "steps": args.steps, "guidance": guidance})
+                      {"sampler": args.sampler, "steps": args.steps, "guidance": guidance,
+                       "speedrun": dl.portable_path(path)})
 
     # 4. Five seeds x both benchmark files, from the one final EMA checkpoint.
     files = {p.stem: dl.load_conditions(p) for p in dl.TEST_JSONS}

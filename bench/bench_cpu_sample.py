@@ -2,8 +2,11 @@
 checked against the GPU speedrun's seed-0 accuracy (within one label per file: CPU float32 and
 GPU bf16 round differently).
 
-    python bench/bench_cpu_sample.py                  # -> results/cpu-sample-<device>.json
-    python bench/bench_cpu_sample.py --preset xfast   # -> results/cpu-sample-xfast-untrained-<device>.json
+    python bench/bench_cpu_sample.py                  # results/cpu-sample-cpu.json
+    python bench/bench_cpu_sample.py --preset xfast   # results/cpu-sample-xfast-untrained-cpu.json
+
+The reference is the results file that the shipped weights' sample_config.json names (--speedrun
+overrides it).
 
 Both scripts run as subprocesses exactly as a user runs them (defaults: shipped weights, the
 sampler settings in weights/ddpm/sample_config.json); only the output folder is a temporary one.
@@ -25,11 +28,21 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from dataloader import (TEST_JSONS, command_line, load_conditions, run_cli,  # noqa: E402
-                        write_json)
+from dataloader import (TEST_JSONS, DataError, _rel, command_line, load_conditions,  # noqa: E402
+                        load_json, repo_path, run_cli, write_json)
 from model import (PRESETS, SHARD_SIZE, WEIGHTS_DIR, build_model, count_params,  # noqa: E402
                    flops_per_image, make_noise_scheduler)
 from sample import SAMPLE_CONFIG  # noqa: E402
+
+
+def shipped_speedrun():
+    """The results file that scored the shipped weights, as their sample_config.json says."""
+    path = WEIGHTS_DIR / SAMPLE_CONFIG
+    name = load_json(path).get("speedrun")
+    if not name:
+        raise DataError(f"{_rel(path)}: names no speedrun results file (expected a \"speedrun\" "
+                        "key, written by speedrun.py --ship); pass --speedrun")
+    return repo_path(name)
 
 
 def untrained_weights(preset, folder):
@@ -46,12 +59,13 @@ def untrained_weights(preset, folder):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--speedrun", type=Path, default=ROOT / "results" / "speedrun-h200.json",
-                    help="the GPU run whose seed-0 accuracy the shipped weights must reproduce")
+    ap.add_argument("--speedrun", type=Path, default=None,
+                    help="the GPU run whose seed-0 accuracy the shipped weights must reproduce "
+                         "(default: the one weights/ddpm/sample_config.json names)")
     ap.add_argument("--preset", choices=list(PRESETS), default=None,
                     help="time sample.py with untrained weights of this preset (no accuracy check)")
     args = ap.parse_args()
-    ref = None if args.preset else json.loads(args.speedrun.read_text())["seed0_from_png"]
+    ref = None if args.preset else load_json(args.speedrun or shipped_speedrun())["seed0_from_png"]
     res = {"bench": "cpu sample", "device": args.device, "cpu_count": os.cpu_count(),
            "loadavg_1m_at_start": os.getloadavg()[0], "python": platform.python_version(),
            "command": command_line()}

@@ -1,4 +1,4 @@
-"""bench/: README's tables come from the results files; the diffusers wheel slimmer (CPU, no GPU)."""
+"""bench/: README's tables come from the results files; the wheel slimmer; the CPU bench."""
 import json
 import subprocess
 import zipfile
@@ -121,3 +121,6 @@ def test_cpu_sample_bench_untrained_weights_load_like_shipped_ones(tmp_path):
     net, _ = sample.load_model(tmp_path / "w", "cpu")  # what sample.py --checkpoint does
     assert net.config.conditioning == build_model("tiny").config.conditioning
     assert sample.sample_config(tmp_path / "w") == sample.sample_config(ROOT / "weights" / "ddpm")
+    # the shipped weights name the results file that scored them (the CPU check's reference)
+    ref = json.loads(bench_cpu_sample.shipped_speedrun().read_text())
+    assert ref["guidance"] == sample.sample_config(ROOT / "weights" / "ddpm")["guidance"]
