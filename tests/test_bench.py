@@ -124,3 +124,16 @@ def test_cpu_sample_bench_untrained_weights_load_like_shipped_ones(tmp_path):
     # the shipped weights name the results file that scored them (the CPU check's reference)
     ref = json.loads(bench_cpu_sample.shipped_speedrun().read_text())
     assert ref["guidance"] == sample.sample_config(ROOT / "weights" / "ddpm")["guidance"]
+
+
+def test_readme_tables_are_the_ones_tables_py_prints():
+    """README's tables are pasted from `python bench/tables.py`; after new results land, paste
+    them again (this fails until then)."""
+    p = subprocess.run([sys.executable, str(ROOT / "bench" / "tables.py")], capture_output=True,
+                       text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    readme = (ROOT / "README.md").read_text()
+    tables_ = [t.strip() for t in p.stdout.split("\n\n") if t.startswith("| ")]
+    assert len(tables_) >= 6
+    stale = [t.splitlines()[0] for t in tables_ if t not in readme]
+    assert not stale, f"README tables differ from bench/tables.py's: {stale}"
