@@ -281,6 +281,25 @@ def test_speedrun_recipe_yields_to_user_flags(runs, monkeypatch):
     assert "--cuda-graph" not in speedrun.train_flags("r", 2.0, "auto", ["--resume", "latest"])
 
 
+def test_two_processes_train_and_resume(data, tmp_path):
+    """Two CPU processes (torchrun, gloo): the code path of `accelerate launch --num_processes 2`
+    on two GPUs. One global batch of 2 x 4, one log and one checkpoint (rank 0), and a resume."""
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+              "2", str(ROOT / "train.py")]
+    common = ["--run-name", "mp", "--runs-dir", str(tmp_path), "--device", "cpu"]
+    for argv in ([*TINY, "--max-steps", "3", *map(str, data)], ["--resume", "latest",
+                                                               "--max-steps", "5"]):
+        p = subprocess.run(launch + common + argv, cwd=tmp_path, capture_output=True, text=True,
+                           timeout=300, env=ENV)
+        assert p.returncode == 0, p.stdout + p.stderr
+        assert "cpu:0 x2" in p.stdout and "global batch 8" in p.stdout, p.stdout
+    assert "resumed from" in p.stdout and "at step 3" in p.stdout
+    assert [c.name for c in train.list_checkpoints(tmp_path / "mp")] == ["checkpoint-3",
+                                                                         "checkpoint-5"]
+    recs = [r for r in train._read_log(tmp_path / "mp" / "log.jsonl") if "loss" in r]
+    assert [r["step"] for r in recs] == [1, 2, 3, 4, 5]  # rank 0 alone writes the log
+
+
 def test_speedrun_end_to_end(data, tmp_path):
     """speedrun.py's whole path on the CPU (tiny preset, fake data, 2 seeds, 2 sampler steps):
     train for the budget, choose guidance on validation, score both files per seed, FD, seed 0
