@@ -554,7 +554,7 @@ def train(cfg):
     stop = _StopFlag()
     t_last = time.time()
     t_start = t_last - train_s  # elapsed training time = now - t_start (evals excluded)
-    last_step = step
+    first_step = last_step = step
     spent = bool(cfg.max_minutes) and train_s >= cfg.max_minutes * 60  # a resumed, finished run
     if spent:
         acc.print(f"the time budget of {cfg.max_minutes} min was spent before step {step} "
@@ -600,6 +600,14 @@ def train(cfg):
                           flush=True)
                 loss_sum.zero_()
                 t_last, last_step = now, step
+            elif step == first_step + 2:  # on a slow device, say so before a long silence
+                per_step = (time.time() - t_last) / 2
+                nxt = min(cfg.max_steps, (step // cfg.log_every + 1) * cfg.log_every)
+                if per_step * (nxt - step) > 60:
+                    acc.print(f"{per_step:.1f} s/step on {device}: the next status line comes at "
+                              f"step {nxt}, in about {_hms(per_step * (nxt - step))}"
+                              + ("; on a CPU, try --preset tiny" if device.type == "cpu"
+                                 and cfg.preset != "tiny" else ""), flush=True)
 
             reason = _stop_reason(acc, stop, cfg, t_start, step)
             pause = time.time()

@@ -281,25 +281,6 @@ def test_speedrun_recipe_yields_to_user_flags(runs, monkeypatch):
     assert "--cuda-graph" not in speedrun.train_flags("r", 2.0, "auto", ["--resume", "latest"])
 
 
-def test_two_processes_train_and_resume(data, tmp_path):
-    """Two CPU processes (torchrun, gloo): the code path of `accelerate launch --num_processes 2`
-    on two GPUs. One global batch of 2 x 4, one log and one checkpoint (rank 0), and a resume."""
-    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-              "2", str(ROOT / "train.py")]
-    common = ["--run-name", "mp", "--runs-dir", str(tmp_path), "--device", "cpu"]
-    for argv in ([*TINY, "--max-steps", "3", *map(str, data)], ["--resume", "latest",
-                                                               "--max-steps", "5"]):
-        p = subprocess.run(launch + common + argv, cwd=tmp_path, capture_output=True, text=True,
-                           timeout=300, env=ENV)
-        assert p.returncode == 0, p.stdout + p.stderr
-        assert "cpu:0 x2" in p.stdout and "global batch 8" in p.stdout, p.stdout
-    assert "resumed from" in p.stdout and "at step 3" in p.stdout
-    assert [c.name for c in train.list_checkpoints(tmp_path / "mp")] == ["checkpoint-3",
-                                                                         "checkpoint-5"]
-    recs = [r for r in train._read_log(tmp_path / "mp" / "log.jsonl") if "loss" in r]
-    assert [r["step"] for r in recs] == [1, 2, 3, 4, 5]  # rank 0 alone writes the log
-
-
 def test_speedrun_end_to_end(data, tmp_path):
     """speedrun.py's whole path on the CPU (tiny preset, fake data, 2 seeds, 2 sampler steps):
     train for the budget, choose guidance on validation, score both files per seed, FD, seed 0
@@ -328,6 +309,14 @@ def test_speedrun_end_to_end(data, tmp_path):
     images = tmp_path / "runs" / "speedrun-cpu" / "images"
     assert len(list((images / "test").glob("*.png"))) == 32
     assert (images / "new_test_grid.png").is_file() and (images / "denoise_process.png").is_file()
+
+
+def test_slow_device_says_when_the_first_status_line_comes(data, tmp_path):
+    p = run("train.py", *TINY, *data, "--log-every", 100000, "--max-steps", 100000,
+            "--max-minutes", 0.03, "--runs-dir", tmp_path, "--device", "cpu", cwd=tmp_path)
+    assert re.search(r"s/step on cpu: the next status line comes at step 100000, in about ",
+                     p.stdout), p.stdout
+    assert "try --preset tiny" not in p.stdout  # it is tiny already
 
 
 def test_fg_weight_loss_is_a_weighted_pixel_mean():
@@ -407,13 +396,17 @@ def test_clear_one_line_errors(runs, tmp_path, capsys):
 
 
 def test_two_process_training(data, tmp_path):
-    """train.py under torchrun with 2 CPU processes (gloo): ranks end with identical weights."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_port", str(29500 + os.getpid() % 1000), str(ROOT / "train.py"), *TINY,
-           *map(str, data), "--runs-dir", str(tmp_path), "--run-name", "ddp", "--max-steps", "3",
-           "--device", "cpu", "--eval-every", "3", "--eval-steps", "2"]
+    """train.py under torchrun with 2 CPU processes (gloo), the code path of `accelerate launch
+    --num_processes 2` on two GPUs: one global batch, ranks end with identical weights, rank 0
+    alone logs and saves, and a resume goes on from the checkpoint."""
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+              "--master_port", str(29500 + os.getpid() % 1000), str(ROOT / "train.py"),
+              "--runs-dir", str(tmp_path), "--run-name", "ddp", "--device", "cpu"]
+    cmd = launch + [*TINY, *map(str, data), "--max-steps", "3", "--eval-every", "3",
+                    "--eval-steps", "2"]
     p = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300, env=ENV)
     assert p.returncode == 0, p.stdout + p.stderr
+    assert "cpu:0 x2" in p.stdout and "global batch 8" in p.stdout, p.stdout
     # rank 0 evaluates with the shipped judge while rank 1 waits at the barrier
     assert "eval step 3: validation accuracy" in p.stdout
     log = train._read_log(tmp_path / "ddp" / "log.jsonl")
@@ -431,6 +424,15 @@ def test_two_process_training(data, tmp_path):
     rng = [torch.load(tmp_path / "ddp" / "checkpoint-3" / f"rng-{r}.pt", weights_only=True)
            for r in (0, 1)]
     assert not torch.equal(rng[0]["gen"], rng[1]["gen"])
+    p = subprocess.run(launch + ["--resume", "latest", "--max-steps", "5"], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=300, env=ENV)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "resumed from" in p.stdout and "at step 3" in p.stdout, p.stdout
+    assert [c.name for c in train.list_checkpoints(tmp_path / "ddp")] == ["checkpoint-3",
+                                                                          "checkpoint-5"]
+    log = train._read_log(tmp_path / "ddp" / "log.jsonl")
+    assert [r["step"] for r in log if "loss" in r] == [1, 2, 3, 4, 5]  # each step logged once
+    assert [r["in_sync"] for r in log if r.get("event") == "ranks"] == [True, True]
 
 
 def test_train_and_sample_xattn_preset(data, tmp_path):
