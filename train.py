@@ -600,8 +600,10 @@ def train(cfg):
                           flush=True)
                 loss_sum.zero_()
                 t_last, last_step = now, step
-            elif step == first_step + 2:  # on a slow device, say so before a long silence
-                per_step = (time.time() - t_last) / 2
+            if step == first_step + 1:  # time step 2 alone: step 1 also allocates, autotunes
+                t_first = time.time()
+            elif step == first_step + 2 and step % cfg.log_every:  # a slow device: say so now
+                per_step = time.time() - t_first
                 nxt = min(cfg.max_steps, (step // cfg.log_every + 1) * cfg.log_every)
                 if per_step * (nxt - step) > 60:
                     acc.print(f"{per_step:.1f} s/step on {device}: the next status line comes at "

@@ -1,8 +1,8 @@
 """bench/: README's tables come from the results files; the wheel slimmer; the CPU bench."""
 import json
 import subprocess
-import zipfile
 import sys
+import zipfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
