@@ -276,8 +276,13 @@ def export_fp16(src_checkpoint_dir, dst_dir):
         weights, sched = src, src
     else:
         weights, sched = src / EMA_DIR, src / SCHEDULER_DIR
-    model = load_weights(weights).half()
-    scheduler_config = DDPMScheduler.load_config(sched)
+    return save_fp16(load_weights(weights), DDPMScheduler.load_config(sched), dst_dir)
+
+
+def save_fp16(model, scheduler_config, dst_dir):
+    """model -> dst_dir as fp16 safetensors shards of <= 15 MiB with config.json and
+    scheduler_config.json (a weights folder), swapped in whole for any older one."""
+    model = model.half()
     dst = Path(dst_dir)
     tmp = dst.with_name(f".tmp-{dst.name}")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -132,12 +132,10 @@ def main(argv=None):
     # 1. The training set, train.py's --data-root and --train-json (the synthetic default),
     #    rendered on the device when missing.
     cfg = train.parse_args(train_flags(run_name, minutes, args.device, train_argv))
-    t0 = time.time()
     spec_path = dl.repo_path(cfg.train_json)
     dl.ensure_images(dl.repo_path(cfg.data_root), dl.load_spec(spec_path), spec_path,
                      device=str(device))
-    result["data_seconds"] = round(time.time() - t0, 1)
-    lap("data")
+    lap("data")  # phase_seconds["data"]: older results files call it data_seconds
 
     # 2. Train for the budget. Extra flags pass through to train.py.
     if device.type == "cuda":

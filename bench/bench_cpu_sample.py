@@ -30,8 +30,8 @@ sys.path.insert(0, str(ROOT))
 
 from dataloader import (TEST_JSONS, DataError, _rel, command_line, load_conditions,  # noqa: E402
                         load_json, repo_path, run_cli, write_json)
-from model import (PRESETS, SHARD_SIZE, WEIGHTS_DIR, build_model, count_params,  # noqa: E402
-                   flops_per_image, make_noise_scheduler)
+from model import (PRESETS, WEIGHTS_DIR, build_model, count_params,  # noqa: E402
+                   flops_per_image, make_noise_scheduler, save_fp16)
 from sample import SAMPLE_CONFIG  # noqa: E402
 
 
@@ -49,11 +49,11 @@ def untrained_weights(preset, folder):
     """Random weights of a preset, saved as the shipped ones are (fp16 shards, scheduler and
     sampler settings): sampling costs the same whatever the weights' values."""
     net = build_model(preset)
-    net.half().save_pretrained(folder, safe_serialization=True, max_shard_size=SHARD_SIZE)
-    make_noise_scheduler().save_config(folder)
-    shutil.copy(WEIGHTS_DIR / SAMPLE_CONFIG, folder)
-    return {"preset": preset, "params": count_params(net),
+    info = {"preset": preset, "params": count_params(net),
             "gflop_per_image": round(flops_per_image(net) / 1e9, 2)}
+    save_fp16(net, make_noise_scheduler().config, folder)
+    shutil.copy(WEIGHTS_DIR / SAMPLE_CONFIG, folder)
+    return info
 
 
 def main():
