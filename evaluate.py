@@ -3,7 +3,8 @@
 Image i of a condition file is <images>/<file stem>/<i>.png (the lab's layout: images/test/0.png
 for test.json[0]). The Frechet distance compares the judge's penultimate features of the images
 with those of renders of the same conditions (16 fixed-seed scenes each), so numbers are
-comparable across runs that score the same condition files.
+comparable across runs that score the same condition files. Next to it comes the FD that as many
+renders of another seed get (a perfect generator's score): with 32 images it is far from 0.
 
     python evaluate.py                                    # images/test and images/new_test
     python evaluate.py --checkpoint checkpoint.pth --per-image --json results/eval.json
@@ -86,9 +87,18 @@ def fd_against_renders(judge, images, conditions, per_condition=FD_RENDERS, seed
     return frechet_distance(judge.features(images), judge.features(refs))
 
 
+def fd_floor(judge, conditions, per_condition=1, references=FD_RENDERS):
+    """fd_against_renders of per_condition renders of each condition with another seed: what a
+    generator that draws exactly the renders' distribution scores with as many images (a few
+    dozen images in 512 dimensions are far from 0)."""
+    renders = reference_renders(conditions, per_condition, FD_SEED + 1, judge.device)
+    return fd_against_renders(judge, renders, conditions, references)
+
+
 def score_folder(judge, folder, conditions_path, fd=False, fd_renders=FD_RENDERS):
     """Score <folder>/<i>.png against condition i of conditions_path -> JSON-ready dict
-    (accuracy, correct, total, misses (miss_kinds), per_image and, with fd=True, fd)."""
+    (accuracy, correct, total, misses (miss_kinds), per_image and, with fd=True, fd and
+    fd_floor)."""
     conditions = load_conditions(conditions_path)
     images = load_folder(folder, len(conditions))
     rows = per_image(judge.scores(images), encode_batch(conditions, _rel(conditions_path)))
@@ -98,6 +108,7 @@ def score_folder(judge, folder, conditions_path, fd=False, fd_renders=FD_RENDERS
               "misses": miss_kinds(rows), "by_objects": by_objects(rows)}
     if fd:
         result["fd"] = fd_against_renders(judge, images, conditions, fd_renders)
+        result["fd_floor"] = fd_floor(judge, conditions, 1, fd_renders)
     return {**result, "per_image": rows}
 
 
@@ -114,7 +125,8 @@ def main(argv=None):
     p.add_argument("--json", default=None, help="write the metrics here")
     p.add_argument("--device", default="auto")
     p.add_argument("--fd", action=argparse.BooleanOptionalAction, default=True,
-                   help="Frechet distance to renders of the same conditions")
+                   help="Frechet distance to renders of the same conditions, and that of as "
+                        "many renders of another seed")
     p.add_argument("--fd-renders", type=int, default=FD_RENDERS,
                    help="reference renders per condition (keep the default to compare runs)")
     args = p.parse_args(argv)
@@ -125,7 +137,7 @@ def main(argv=None):
     files = {}
     for cond in map(Path, args.conditions):
         res = score_folder(judge, Path(args.images) / cond.stem, cond, args.fd, args.fd_renders)
-        fd = f"  fd {res['fd']:.2f}" if "fd" in res else ""
+        fd = f"  fd {res['fd']:.2f} (renders: {res['fd_floor']:.2f})" if "fd" in res else ""
         m = res["misses"]
         why = (f" | missed {m['missed']}: {m['wrong_shape']} wrong shape, {m['wrong_color']} "
                f"wrong color, {m['neither']} neither") if m["missed"] else ""

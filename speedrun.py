@@ -243,6 +243,9 @@ def main(argv=None):
     # FD of all seeds' images of a file against evaluate.py's fixed renders of that file
     result["fd"] = {k: round(evaluate.fd_against_renders(judge, torch.cat(v), files[k]), 3)
                     for k, v in generated.items()}
+    # ... and what as many renders of another seed score: the FD of a perfect generator
+    result["fd_floor"] = {k: round(evaluate.fd_floor(judge, files[k], len(args.seeds)), 3)
+                          for k in files}
     lap("fd")
 
     # 5. Seed 0 written by sample.py itself (PNGs, grids, denoising strip) and scored from disk,
@@ -273,11 +276,11 @@ def main(argv=None):
         lap("ddpm")
 
     save()
-    print(f"\n| file | accuracy mean +- std over {len(args.seeds)} seeds | FD |")
-    print("|---|---|---|")
+    print(f"\n| file | accuracy mean +- std over {len(args.seeds)} seeds | FD | FD of renders |")
+    print("|---|---|---|---|")
     for k in files:
         print(f"| {k}.json | {result['accuracy_mean'][k]:.4f} +- {result['accuracy_std'][k]:.4f} "
-              f"| {result['fd'][k]} |")
+              f"| {result['fd'][k]} | {result['fd_floor'][k]} |")
     print(f"wrote {path}")
     return result
 

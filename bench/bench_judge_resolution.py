@@ -1,10 +1,13 @@
 """How much detail the judge needs: its accuracy on renders of the 64 benchmark conditions after
-a Gaussian blur, and after squeezing to a lower resolution and back to 64x64.
+a Gaussian blur, and after squeezing to a lower resolution and back to 64x64; and how far the same
+changes move evaluate.py's Frechet distance (judge features, against its 16 renders of each
+condition), which the clean renders set the floor of.
 
     python bench/bench_judge_resolution.py     # -> results/resolution-judge-<device>.json
 
 If the judge still reads the squeezed renders, a generator that gets the objects right at that
 resolution scores as well as a sharp one: what it lacks is the right objects, not fine detail.
+The FD column says what else, beyond the objects, that distance responds to.
 """
 import argparse
 import sys
@@ -17,8 +20,8 @@ from torchvision.transforms.functional import gaussian_blur  # noqa: E402
 
 from dataloader import (ROOT, TEST_JSONS, command_line, device_tag, encode_batch,  # noqa: E402
                         load_conditions, resolve_device, run_cli, to_float, write_json)
-from evaluate import reference_renders  # noqa: E402
-from evaluator import evaluation_model  # noqa: E402
+from evaluate import FD_RENDERS, FD_SEED, reference_renders  # noqa: E402
+from evaluator import evaluation_model, frechet_distance  # noqa: E402
 
 SEED = 7  # not evaluate.py's FD seed: other scenes than the FD references
 
@@ -43,18 +46,22 @@ def main():
     conds = [c for p in TEST_JSONS for c in load_conditions(p)]
     x = to_float(reference_renders(conds, args.per_condition, SEED, device=device))
     labels = encode_batch([c for c in conds for _ in range(args.per_condition)])
-    rows = {"clean": judge.eval(x, labels)}
-    rows.update({f"blur sigma {s:g} px": judge.eval(gaussian_blur(x, 2 * round(2 * s) + 1, s),
-                                                    labels) for s in args.blur})
-    rows.update({f"squeezed to {r}x{r} and back": judge.eval(squeeze(x, r), labels)
-                 for r in args.sizes})
-    print(f"{'renders of the benchmark conditions':40s} accuracy")
+    versions = {"clean": x}
+    versions.update({f"blur sigma {s:g} px": gaussian_blur(x, 2 * round(2 * s) + 1, s)
+                     for s in args.blur})
+    versions.update({f"squeezed to {r}x{r} and back": squeeze(x, r) for r in args.sizes})
+    # evaluate.py's FD references: its seed, its 16 renders per condition
+    refs = judge.features(reference_renders(conds, FD_RENDERS, FD_SEED, device=device))
+    rows = {what: judge.eval(v, labels) for what, v in versions.items()}
+    fd = {what: frechet_distance(judge.features(v), refs) for what, v in versions.items()}
+    print(f"{'renders of the benchmark conditions':40s} accuracy      FD")
     for what, acc in rows.items():
-        print(f"{what:40s} {acc:.4f}")
+        print(f"{what:40s} {acc:.4f} {fd[what]:8.1f}")
     out = ROOT / "results" / f"resolution-judge-{device_tag(device)}.json"
     write_json(out, {"bench": "judge resolution", "device": str(device), "images": len(x),
                      "command": command_line(),
-                     "accuracy": {k: round(v, 4) for k, v in rows.items()}})
+                     "accuracy": {k: round(v, 4) for k, v in rows.items()},
+                     "fd": {k: round(v, 2) for k, v in fd.items()}})
     print(f"wrote {out.relative_to(ROOT)}")
 
 

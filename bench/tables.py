@@ -27,6 +27,14 @@ def misses(r):
             .format(**total))
 
 
+def fd(r):
+    """'1679 / 4907 (renders 13 / 17)': FD of test / new_test, and that of as many renders of
+    another seed (a perfect generator's), where the results file has it."""
+    text = f"{r['fd']['test']:.0f} / {r['fd']['new_test']:.0f}"
+    floor = r.get("fd_floor")
+    return text + (f" (renders {floor['test']:.0f} / {floor['new_test']:.0f})" if floor else "")
+
+
 def by_objects(*groups):
     """'1: 0.83, 2: 0.54, 3: 0.43': the lab's accuracy by the number of objects asked for,
     pooled over evaluator.by_objects dicts (e.g. both benchmark files)."""
@@ -55,7 +63,7 @@ def speedrun_table():
             f"{r['train_images_per_s']:.0f}", f"{r['sampler']} {r['sampler_steps']}",
             r["guidance"], f"{m['test']:.4f} ± {s['test']:.4f}",
             f"{m['new_test']:.4f} ± {s['new_test']:.4f}",
-            f"{r['fd']['test']:.0f} / {r['fd']['new_test']:.0f}", misses(r),
+            fd(r), misses(r),
             by_objects(*r.get("accuracy_by_objects_all_seeds", {}).values()),
             f"`results/{path.name}`")
         if "ddpm1000_no_guidance_seed0" in r:
@@ -131,7 +139,7 @@ def ablation_table():
             row(name, change, f"{delta:+.4f}", r["steps"], f"{r['train_images_per_s']:.0f}",
                 r["guidance"], f"{m['test']:.4f} ± {s['test']:.4f}",
                 f"{m['new_test']:.4f} ± {s['new_test']:.4f}",
-                f"{r['fd']['test']:.0f} / {r['fd']['new_test']:.0f}", misses(r),
+                fd(r), misses(r),
                 by_objects(*r.get("accuracy_by_objects_all_seeds", {}).values()),
                 " ".join(f"{c['val_accuracy']:.2f}@{c['step']}"
                          for c in r.get("learning_curve", [])),
@@ -174,10 +182,11 @@ def judge_resolution_table():
         r = json.loads(path.read_text())
         print(f"### How much detail the judge needs (`bench/bench_judge_resolution.py`), "
               f"{r['images']} renders of the benchmark conditions\n")
-        row("renders", "accuracy", "file")
-        row(*["---"] * 3)
+        fd = r.get("fd", {})  # FD against evaluate.py's references (files since 2026-11-27)
+        row("renders", "accuracy", *(["FD"] if fd else []), "file")
+        row(*["---"] * (3 + bool(fd)))
         for what, acc in r["accuracy"].items():
-            row(what, f"{acc:.4f}", f"`results/{path.name}`")
+            row(what, f"{acc:.4f}", *([f"{fd[what]:.1f}"] if fd else []), f"`results/{path.name}`")
         print()
 
 

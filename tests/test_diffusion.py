@@ -299,7 +299,8 @@ def test_speedrun_end_to_end(data, tmp_path):
     assert {k: len(v) for k, v in r["accuracy"].items()} == {"test": 2, "new_test": 2}
     assert r["steps"] >= 1 and r["train_config"]["preset"] == "tiny"
     assert r["train_config"]["data_root"] == str(data[1])  # the data it was given, not the default
-    assert set(r["fd"]) == {"test", "new_test"} and r["ddpm1000_no_guidance_seed0"]["steps"] == 2
+    assert set(r["fd"]) == set(r["fd_floor"]) == {"test", "new_test"}
+    assert min(r["fd_floor"].values()) > 0 and r["ddpm1000_no_guidance_seed0"]["steps"] == 2
     assert list(r["phase_seconds"]) == ["judge", "data", "train", "guidance_sweep", "seeds", "fd",
                                         "seed0_pngs", "ddpm"]
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", r["written_at"])

@@ -25,7 +25,8 @@ SHIPPED = ROOT / "weights" / "judge"
 needs_shipped = pytest.mark.skipif(
     not (SHIPPED / evaluator.META_FILE).is_file(),
     reason="weights/judge/ not trained yet (the lead adds it from the GPU run of train_judge.py)")
-LINE = re.compile(r"^(\S+): accuracy (\d\.\d{4}) \((\d+)/(\d+)\)(?:  fd (\d+\.\d\d))?"
+LINE = re.compile(r"^(\S+): accuracy (\d\.\d{4}) \((\d+)/(\d+)\)"
+                  r"(?:  fd (\d+\.\d\d) \(renders: (\d+\.\d\d)\))?"
                   r"(?: \| missed (\d+): (\d+) wrong shape, (\d+) wrong color, (\d+) neither)?"
                   r"(?: \| objects found: (\d+) images too many, (\d+) too few)?$")
 
@@ -165,6 +166,19 @@ def test_frechet_distance_matches_scipy_sqrtm():
     assert np.isfinite(evaluator.frechet_distance(few, a))
     with pytest.raises(DataError, match="feature sets"):
         evaluator.frechet_distance(a[:1], b)
+
+
+@needs_shipped
+def test_fd_floor_is_what_renders_of_another_seed_score(render):
+    """The floor printed next to the FD: renders of a third seed land on it, the same renders
+    with red and blue swapped far above it."""
+    judge = evaluator.evaluation_model(device="cpu")
+    conds = dataloader.load_conditions(dataloader.TEST_JSONS[0])[:8]
+    floor = evaluate.fd_floor(judge, conds, 2, references=4)
+    renders = render.render_tensor([(f"other {i}", c) for i, c in enumerate(conds * 2)], seed=5,
+                                   device="cpu")
+    assert evaluate.fd_against_renders(judge, renders, conds, 4) < 1.5 * floor
+    assert evaluate.fd_against_renders(judge, renders[:, [2, 1, 0]], conds, 4) > 10 * floor
 
 
 # ---------------------------------------------------------------- weights
@@ -308,8 +322,8 @@ def test_evaluate_cli_output_and_json(scene_dir, lab_ckpt, capsys):
     assert report["command"].startswith("python evaluate.py --images ")
     metrics = report["files"]["few.json"]
     assert metrics["total"] == 23 and f"{metrics['accuracy']:.4f}" == m.group(2)
-    kinds = [int(g) for g in m.group(6, 7, 8, 9)]  # what the 20 missed objects became
-    counts = [int(g or 0) for g in m.group(10, 11)]  # images with too many / too few objects
+    kinds = [int(g) for g in m.group(7, 8, 9, 10)]  # what the 20 missed objects became
+    counts = [int(g or 0) for g in m.group(11, 12)]  # images with too many / too few objects
     assert kinds[0] == 20 == sum(kinds[1:]) and metrics["misses"] == dict(
         zip(("missed", "wrong_shape", "wrong_color", "neither", "more_objects",
              "fewer_objects"), kinds + counts))
@@ -326,10 +340,12 @@ def test_evaluate_cli_output_and_json(scene_dir, lab_ckpt, capsys):
     assert metrics["per_image"][5]["predicted"] == ["yellow cylinder", "cyan cylinder",
                                                     "purple cylinder"]
     assert metrics["fd"] >= 0 and len(metrics["per_image"]) == 8
+    assert (f"{metrics['fd']:.2f}", f"{metrics['fd_floor']:.2f}") == m.group(5, 6)
     # the library entry points agree with the CLI, and the FD reference is cached
     judge = evaluator.evaluation_model(lab_ckpt, "cpu")
     res = evaluate.score_folder(judge, scene_dir / "few", scene_dir / "few.json", True, 2)
     assert res["correct"] == metrics["correct"] and res["fd"] == pytest.approx(metrics["fd"])
+    assert res["fd_floor"] == pytest.approx(metrics["fd_floor"])
     argv = ["--images", str(scene_dir), "--conditions", str(scene_dir / "few.json"),
             "--checkpoint", str(lab_ckpt), "--no-fd", "--device", "cpu", "--json",
             str(scene_dir / "m2.json")]
