@@ -281,6 +281,8 @@ def main(argv=None):
     for k in files:
         print(f"| {k}.json | {result['accuracy_mean'][k]:.4f} +- {result['accuracy_std'][k]:.4f} "
               f"| {result['fd'][k]} | {result['fd_floor'][k]} |")
+    means = result["accuracy_mean"].values()
+    print(f"mean of the files' means: {sum(means) / len(means):.4f}")  # what ablations compare
     print(f"wrote {path}")
     return result
 
