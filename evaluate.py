@@ -13,6 +13,7 @@ import argparse
 import json
 import re
 import sys
+import weakref
 from collections import Counter
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from evaluator import (by_objects, by_objects_text, evaluation_model, frechet_di
 
 FD_RENDERS, FD_SEED = 16, 0
 _REFERENCES = {}  # rendered reference images, reused across calls (speedrun scores repeatedly)
+_FEATURES = weakref.WeakKeyDictionary()  # judge -> {reference key: its features of them}
 
 
 def warn(msg):
@@ -82,9 +84,14 @@ def reference_renders(conditions, per_condition=FD_RENDERS, seed=FD_SEED, device
 
 
 def fd_against_renders(judge, images, conditions, per_condition=FD_RENDERS, seed=FD_SEED):
-    """Frechet distance between the judge's features of images and of renders of conditions."""
-    refs = reference_renders(conditions, per_condition, seed, judge.device)
-    return frechet_distance(judge.features(images), judge.features(refs))
+    """Frechet distance between the judge's features of images and of renders of conditions
+    (those features are computed once per judge: the FD and its floor share them)."""
+    cache = _FEATURES.setdefault(judge, {})
+    key = (json.dumps(conditions), per_condition, seed)
+    if key not in cache:
+        cache[key] = judge.features(reference_renders(conditions, per_condition, seed,
+                                                      judge.device))
+    return frechet_distance(judge.features(images), cache[key])
 
 
 def fd_floor(judge, conditions, per_condition=1, references=FD_RENDERS):

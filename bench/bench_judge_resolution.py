@@ -20,8 +20,8 @@ from torchvision.transforms.functional import gaussian_blur  # noqa: E402
 
 from dataloader import (ROOT, TEST_JSONS, command_line, device_tag, encode_batch,  # noqa: E402
                         load_conditions, resolve_device, run_cli, to_float, write_json)
-from evaluate import FD_RENDERS, FD_SEED, reference_renders  # noqa: E402
-from evaluator import evaluation_model, frechet_distance  # noqa: E402
+from evaluate import fd_against_renders, reference_renders  # noqa: E402
+from evaluator import evaluation_model  # noqa: E402
 
 SEED = 7  # not evaluate.py's FD seed: other scenes than the FD references
 
@@ -50,10 +50,9 @@ def main():
     versions.update({f"blur sigma {s:g} px": gaussian_blur(x, 2 * round(2 * s) + 1, s)
                      for s in args.blur})
     versions.update({f"squeezed to {r}x{r} and back": squeeze(x, r) for r in args.sizes})
-    # evaluate.py's FD references: its seed, its 16 renders per condition
-    refs = judge.features(reference_renders(conds, FD_RENDERS, FD_SEED, device=device))
     rows = {what: judge.eval(v, labels) for what, v in versions.items()}
-    fd = {what: frechet_distance(judge.features(v), refs) for what, v in versions.items()}
+    # against evaluate.py's references (its seed, 16 renders per condition), as generated images
+    fd = {what: fd_against_renders(judge, v, conds) for what, v in versions.items()}
     print(f"{'renders of the benchmark conditions':40s} accuracy      FD")
     for what, acc in rows.items():
         print(f"{what:40s} {acc:.4f} {fd[what]:8.1f}")

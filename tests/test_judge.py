@@ -346,6 +346,7 @@ def test_evaluate_cli_output_and_json(scene_dir, lab_ckpt, capsys):
     res = evaluate.score_folder(judge, scene_dir / "few", scene_dir / "few.json", True, 2)
     assert res["correct"] == metrics["correct"] and res["fd"] == pytest.approx(metrics["fd"])
     assert res["fd_floor"] == pytest.approx(metrics["fd_floor"])
+    assert len(evaluate._FEATURES[judge]) == 1  # the FD and its floor share one feature pass
     argv = ["--images", str(scene_dir), "--conditions", str(scene_dir / "few.json"),
             "--checkpoint", str(lab_ckpt), "--no-fd", "--device", "cpu", "--json",
             str(scene_dir / "m2.json")]
