@@ -11,6 +11,7 @@ the scripts print it and exit with status 2.
 """
 import difflib
 import json
+import math
 import os
 import re
 from concurrent.futures import ThreadPoolExecutor
@@ -138,7 +139,40 @@ def decode(vec, threshold=0.5):
 
 def parse_labels(text):
     """'red sphere, cyan cube' -> ['red sphere', 'cyan cube'] (validated)."""
-    return check_labels([t.strip() for t in text.split(",") if t.strip()], "--labels")
+    labels, positions = parse_placed_labels(text)
+    if positions is not None:
+        raise DataError("--labels: positions (label@x,y) are not taken here")
+    return labels
+
+
+def parse_placed_labels(text, size=IMAGE_SIZE):
+    """'red sphere@20,30, cyan cube@40,36' -> (labels, [(20.0, 30.0), (40.0, 36.0)]): x, y in
+    pixels of the size x size image, origin top-left (a comma followed by a digit continues a
+    position). Without any @: (labels, None). Either every object has a position or none."""
+    parts = [p.strip() for p in re.split(r",(?!\s*[-+.\d])", text) if p.strip()]
+    names, positions = [], []
+    for part in parts:
+        name, at, pos = part.partition("@")
+        names.append(name.strip())
+        if not at:
+            positions.append(None)
+            continue
+        try:
+            x, y = (float(v) for v in pos.split(","))
+        except ValueError:
+            raise DataError(f"--labels: position {pos.strip()!r} of {name.strip()!r}: expected "
+                            "x,y in pixels, e.g. red sphere@20,30") from None
+        if not (0 <= x < size and 0 <= y < size):
+            raise DataError(f"--labels: position {x:g},{y:g} of {name.strip()!r} is off the "
+                            f"{size}x{size} image (x and y in [0, {size}))")
+        positions.append((x, y))
+    check_labels(names, "--labels")
+    placed = [p is not None for p in positions]
+    if any(placed) and not all(placed):
+        missing = [n for n, p in zip(names, positions) if p is None]
+        raise DataError(f"--labels: {', '.join(map(repr, missing))} has no position: place "
+                        "every object (label@x,y) or none")
+    return names, (positions if all(placed) else None)
 
 
 def load_conditions(path):
@@ -184,6 +218,53 @@ _SYN_NAME = re.compile(r"^SYN_[A-Za-z0-9]+_\d+_\d+\.png$")
 def is_synthetic_name(name):
     """The project's own rendered names look like SYN_<split>_<scene>_<step>.png."""
     return bool(_SYN_NAME.match(name))
+
+
+LAYOUT_FORMAT = "iclevr-layout/1"
+
+
+def layout_path(root, spec_path):
+    """Where the layouts of a spec's images live: beside the images (docs/layouts.md)."""
+    return Path(root) / f"{Path(spec_path).stem}_layouts.json"
+
+
+def load_layouts(path, spec):
+    """A layout file -> (N, K, 5) float tensor in spec order: per object (class index, x, y,
+    rx, ry), class -1 where an image has fewer than K objects."""
+    data = load_json(path)
+    if not isinstance(data, dict) or data.get("format") != LAYOUT_FORMAT:
+        raise DataError(f"{_rel(path)}: expected a layout file (\"format\": "
+                        f"\"{LAYOUT_FORMAT}\", docs/layouts.md)")
+    layouts = data.get("layouts")
+    if not isinstance(layouts, dict):
+        raise DataError(f"{_rel(path)}: expected \"layouts\": {{image name: [objects]}}")
+    return layout_tensor(layouts, spec, _rel(path))
+
+
+def layout_tensor(layouts, spec, source="layouts"):
+    """{image name: [objects]} (the layout file's "layouts") -> (N, K, 5) in spec order. A
+    centre may lie just off the image: the renderer keeps objects that are partly in view."""
+    k = max(len(v) for v in spec.values())
+    out = torch.full((len(spec), k, 5), -1.0)
+    for i, (name, labels) in enumerate(spec.items()):
+        objs = layouts.get(name)
+        where = f"{source}[{name!r}]"
+        if objs is None:
+            raise DataError(f"{where}: no layout for this image of the spec")
+        if not isinstance(objs, list) or [o.get("label") if isinstance(o, dict) else None
+                                          for o in objs] != list(labels):
+            raise DataError(f"{where}: expected one object per label, in the spec's order "
+                            f"{labels}")
+        for j, o in enumerate(objs):
+            try:
+                vals = [float(o[key]) for key in ("x", "y", "rx", "ry")]
+            except (KeyError, TypeError, ValueError):
+                raise DataError(f"{where}[{j}]: expected numbers x, y, rx, ry") from None
+            if not (math.isfinite(vals[0]) and math.isfinite(vals[1]) and vals[2] > 0 < vals[3]):
+                raise DataError(f"{where}[{j}]: position {vals[0]:g},{vals[1]:g} size "
+                                f"{vals[2]:g},{vals[3]:g} (expected finite x, y and sizes > 0)")
+            out[i, j] = torch.tensor([OBJECTS[labels[j]], *vals])
+    return out
 
 
 def missing_images(root, names):
@@ -262,14 +343,15 @@ def foreground_masks(images, window=21, threshold=10, grow=1, chunk=256):
 
 
 class ICLEVRDataset(Dataset):
-    """Images of a spec file under root, as (image in [-1, 1] (3, 64, 64), multi-hot (24,)).
+    """Images of a spec file under root, as (image in [-1, 1] (3, 64, 64), multi-hot (24,)),
+    plus the image's layout (K, 5) with layouts=True (its layout file must exist).
 
     in_memory=True decodes every image once into one uint8 tensor (18,009 images: 221 MB), so
     epochs cost no decoding and the whole set can be moved to the GPU (see .images).
     """
 
     def __init__(self, root=DATA_ROOT, spec_path=TRAIN_JSON, in_memory=False, size=IMAGE_SIZE,
-                 render_missing=True, device="auto"):
+                 render_missing=True, device="auto", layouts=False):
         self.root, self.spec_path, self.size = Path(root), Path(spec_path), size
         spec = load_spec(self.spec_path)
         if render_missing:
@@ -282,6 +364,9 @@ class ICLEVRDataset(Dataset):
                                 f"{', '.join(missing[:3])})")
         self.names = list(spec)
         self.labels = encode_batch([spec[n] for n in self.names], _rel(self.spec_path))
+        # (N, K, 5) object layouts (load_layouts) with layouts=True, else (N, 0, 5)
+        self.layouts = (load_layouts(layout_path(self.root, self.spec_path), spec) if layouts
+                        else torch.zeros(len(spec), 0, 5))
         self.images = None
         if in_memory:
             self.images = torch.empty(len(self.names), 3, size, size, dtype=torch.uint8)
@@ -299,6 +384,8 @@ class ICLEVRDataset(Dataset):
     def __getitem__(self, i):
         img = self.images[i] if self.images is not None else load_image(self.root / self.names[i],
                                                                          self.size)
+        if self.layouts.shape[1]:
+            return to_float(img), self.labels[i], self.layouts[i]
         return to_float(img), self.labels[i]
 
 

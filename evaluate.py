@@ -20,8 +20,9 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from dataloader import (IMAGE_SIZE, ROOT, TEST_JSONS, DataError, _rel, command_line,
-                        encode_batch, load_conditions, load_image, run_cli, write_json)
+from dataloader import (COLORS, IMAGE_SIZE, ROOT, TEST_JSONS, DataError, _rel, command_line,
+                        encode_batch, foreground_masks, load_conditions, load_image, run_cli,
+                        write_json)
 from evaluator import (by_objects, by_objects_text, evaluation_model, frechet_distance,
                        miss_kinds, per_image)
 
@@ -100,6 +101,45 @@ def fd_floor(judge, conditions, per_condition=1, references=FD_RENDERS):
     dozen images in 512 dimensions are far from 0)."""
     renders = reference_renders(conditions, per_condition, FD_SEED + 1, judge.device)
     return fd_against_renders(judge, renders, conditions, references)
+
+
+def object_colors(images, layouts):
+    """Mean RGB (N, K, 3) of the foreground pixels (dataloader.foreground_masks) inside each
+    object's ellipse (x, y, rx, ry) of layouts (N, K, 5); NaN where there are none or no object."""
+    images = torch.as_tensor(images)
+    size = images.shape[-1]
+    grid = torch.arange(size, dtype=torch.float32) + 0.5
+    cls, x, y, rx, ry = layouts.float().unbind(-1)
+    dx = (grid - x[..., None]) / rx.clamp_min(1.0)[..., None]  # (N, K, W)
+    dy = (grid - y[..., None]) / ry.clamp_min(1.0)[..., None]  # (N, K, H)
+    inside = (dy[..., :, None] ** 2 + dx[..., None, :] ** 2) <= 1  # (N, K, H, W)
+    w = (inside & foreground_masks(images)).float() * (cls >= 0)[..., None, None]
+    total = torch.einsum("nkhw,nchw->nkc", w, images.float())
+    return total / w.sum((2, 3))[..., None]  # 0 / 0 = NaN: nothing there
+
+
+def color_palette(images, layouts):
+    """Each color's mean object_colors over images whose layouts are true (renders): (8, 3)."""
+    rgb, cls = object_colors(images, layouts).flatten(0, 1), layouts[..., 0].flatten().long()
+    palette = torch.full((len(COLORS), 3), float("nan"))
+    for c in range(len(COLORS)):
+        pick = rgb[(cls >= 0) & (cls % len(COLORS) == c)]
+        pick = pick[~pick.isnan().any(1)]
+        if len(pick):
+            palette[c] = pick.mean(0)
+    return palette
+
+
+def layout_fidelity(images, layouts, palette):
+    """Share of the layouts' objects that appear where they were placed: some foreground in
+    their ellipse, whose mean color is nearest (in RGB) to their own color's palette entry."""
+    rgb = object_colors(images, layouts)
+    cls = layouts[..., 0].long()
+    nearest = torch.cdist(rgb.nan_to_num(-1e4).flatten(0, 1), palette.nan_to_num(1e4))
+    hit = nearest.argmin(1).view(cls.shape) == cls % len(COLORS)
+    hit &= ~rgb.isnan().any(-1)
+    present = cls >= 0
+    return float(hit[present].float().mean()) if present.any() else float("nan")
 
 
 def score_folder(judge, folder, conditions_path, fd=False, fd_renders=FD_RENDERS):

@@ -10,6 +10,14 @@ classifier-free guidance trains and samples with. Three ways to feed y:
          (absent/present), read by cross-attention in a UNet2DConditionModel: a location can
          look up which object it belongs to, which one global AdaGN vector cannot tell it. The
          null condition is "all 24 absent".
+  ground embed's global vector plus spatial label maps concatenated to the input: each object
+         of the layout (B, K, 5) = (class or -1, x, y, rx, ry) in pixels draws a Gaussian blob
+         of its apparent size into its color's and its shape's channel (8 + 3 channels), so the
+         model only has to draw an object of that color and shape where it is told (grounded
+         generation, docs/grounded.md). The model also carries its layout prior: the layouts
+         of its training images (a buffer, saved with the weights), from which draw_layouts
+         picks one with as many objects when only labels are given. The null condition drops
+         the maps and the vector together.
 The whole model, label projection included, round-trips through save_pretrained/from_pretrained.
 
 Checkpoint layout (written by train.py, read by sample.py):
@@ -32,7 +40,7 @@ from diffusers.configuration_utils import FrozenDict, register_to_config
 from diffusers.utils import logging as diffusers_logging
 from torch import nn
 
-from dataloader import IMAGE_SIZE, NUM_CLASSES, ROOT, DataError, _rel
+from dataloader import COLORS, IMAGE_SIZE, NUM_CLASSES, ROOT, SHAPES, DataError, _rel
 
 RUNS_DIR = ROOT / "runs"  # train.py writes runs/NAME/checkpoint-STEP/
 WEIGHTS_DIR = ROOT / "weights" / "ddpm"  # shipped fp16 weights (export_fp16)
@@ -41,7 +49,7 @@ SHARD_SIZE = "15MB"  # 15e6 bytes < 15 MiB: shipped shards stay small enough to 
 
 _D, _AD, _U, _AU = "DownBlock2D", "AttnDownBlock2D", "UpBlock2D", "AttnUpBlock2D"
 _XD, _XU = "CrossAttnDownBlock2D", "CrossAttnUpBlock2D"  # self- + cross-attention + MLP (xattn)
-CONDITIONINGS = ("embed", "concat", "xattn")
+CONDITIONINGS = ("embed", "concat", "xattn", "ground")
 PRESETS = {
     # The seed report's six-level UNet on 64x64 pixels with a label-map channel: 113.67M in
     # the UNet + 0.10M label map = 113.78M (the report's 113.7M).
@@ -78,6 +86,25 @@ PRESETS = {
                   down_block_types=(_XD, _XD, _XD), up_block_types=(_XU, _XU, _XU),
                   layers_per_block=2, attention_head_dim=32, time_embedding_dim=256,
                   cross_attention_dim=128),
+    # Grounded generation sized for a 2-core CPU: 2x2 space-to-depth, convolutions only above
+    # 8x8 (objects are drawn where the maps say, so no level needs to look far), attention at
+    # 8x8 for the scene's lighting and shadows.
+    "ground": dict(conditioning="ground", pixel_shuffle=2, block_out_channels=(96, 128, 160),
+                   down_block_types=(_D, _D, _AD), up_block_types=(_AU, _U, _U),
+                   layers_per_block=1, attention_head_dim=32, time_embedding_dim=256),
+    # The same for a GPU: wider, attention at 16x16 and 8x8.
+    "ground-gpu": dict(conditioning="ground", pixel_shuffle=2, block_out_channels=(128, 192, 256),
+                       down_block_types=(_D, _AD, _AD), up_block_types=(_AU, _AU, _U),
+                       layers_per_block=2, attention_head_dim=32, time_embedding_dim=256),
+    # The seed report's constant label map (one Linear(24, 64*64) channel) on ground's UNet:
+    # the CPU comparison of grounded and label-only conditioning at the same cost.
+    "concat-cpu": dict(conditioning="concat", pixel_shuffle=2, block_out_channels=(96, 128, 160),
+                       down_block_types=(_D, _D, _AD), up_block_types=(_AU, _U, _U),
+                       layers_per_block=1, attention_head_dim=32, time_embedding_dim=256),
+    # "tiny" with the grounded conditioning, for tests.
+    "tiny-ground": dict(conditioning="ground", pixel_shuffle=2, block_out_channels=(32, 64),
+                        down_block_types=(_D, _AD), up_block_types=(_AU, _U), layers_per_block=1,
+                        attention_head_dim=32, norm_num_groups=8, time_embedding_dim=128),
     # For CPU tests and demos (0.8M params, 0.6 GFLOP/img). Not 4x4 space-to-depth: conv_in
     # must not have fewer channels than its 3*s*s inputs, or the model cannot pass the
     # per-pixel noise through and never denoises fine detail.
@@ -109,7 +136,7 @@ class ConditionalUNet(ModelMixin, ConfigMixin):
                  down_block_types=(_D, _AD, _AD), up_block_types=(_AU, _AU, _U),
                  layers_per_block=2, attention_head_dim=32, norm_num_groups=32,
                  time_embedding_dim=None, resnet_time_scale_shift="scale_shift", dropout=0.0,
-                 cross_attention_dim=128):
+                 cross_attention_dim=128, blob_scale=0.5, prior_shape=(0, 3)):
         super().__init__()
         if conditioning not in CONDITIONINGS:
             raise ValueError(f"conditioning must be one of {', '.join(CONDITIONINGS)}, got "
@@ -118,9 +145,11 @@ class ConditionalUNet(ModelMixin, ConfigMixin):
             raise ValueError(f"image_size {image_size} is not divisible by pixel_shuffle")
         s2 = pixel_shuffle ** 2
         temb = time_embedding_dim or 4 * block_out_channels[0]
-        embed = conditioning in ("embed", "xattn")  # both add label_proj(y) to the time embedding
+        # all but concat add label_proj(y) to the time embedding
+        embed = conditioning in ("embed", "xattn", "ground")
+        in_maps = {"concat": 1, "ground": len(COLORS) + len(SHAPES)}.get(conditioning, 0)
         kw = dict(sample_size=image_size // pixel_shuffle,
-                  in_channels=(3 if embed else 4) * s2, out_channels=3 * s2,
+                  in_channels=(3 + in_maps) * s2, out_channels=3 * s2,
                   block_out_channels=tuple(block_out_channels),
                   down_block_types=tuple(down_block_types), up_block_types=tuple(up_block_types),
                   layers_per_block=layers_per_block, norm_num_groups=norm_num_groups,
@@ -145,12 +174,20 @@ class ConditionalUNet(ModelMixin, ConfigMixin):
                                             nn.Linear(temb, temb))
         else:
             self.label_proj = nn.Linear(num_classes, image_size * image_size)
+        if conditioning == "ground":  # (x, y, rx, ry) of every training image's objects, NaN
+            # where an image has fewer (set by set_layout_prior, saved with the weights)
+            self.register_buffer("layout_prior", torch.full((*prior_shape, 4), float("nan")))
 
-    def forward(self, x, t, y):
+    def forward(self, x, t, y, layout=None):
+        """layout (B, K, 5): (class index or -1 = no object, x, y, rx, ry) per object, read by
+        the grounded model only (None = no objects)."""
         cfg = self.config
         y = y.to(self.label_proj_dtype)
         class_labels, extra = None, {}
-        if cfg.conditioning == "concat":
+        if cfg.conditioning == "ground":
+            x = torch.cat([x, self.label_maps(layout, len(x), x.device).to(x.dtype)], dim=1)
+            class_labels = self.label_proj(y)
+        elif cfg.conditioning == "concat":
             label_map = self.label_proj(y).view(-1, 1, cfg.image_size, cfg.image_size)
             x = torch.cat([x, label_map.to(x.dtype)], dim=1)
         else:
@@ -167,6 +204,77 @@ class ConditionalUNet(ModelMixin, ConfigMixin):
     @property
     def label_proj_dtype(self):
         return next(self.label_proj.parameters()).dtype
+
+    def label_maps(self, layout, batch, device):
+        """layout (B, K, 5) -> maps (B, 8 + 3, H, W): per object a Gaussian blob at (x, y) with
+        standard deviations blob_scale * (rx, ry) (at least 1 px), in its color's and its
+        shape's channel; where blobs overlap, the larger value."""
+        size, n_colors = self.config.image_size, len(COLORS)
+        channels = n_colors + len(SHAPES)
+        if layout is None or layout.shape[1] == 0:
+            return torch.zeros(batch, channels, size, size, device=device)
+        layout = layout.float().to(device)
+        cls, cx, cy, rx, ry = layout.unbind(-1)  # each (B, K)
+        present = cls >= 0
+        grid = torch.arange(size, device=device, dtype=torch.float32) + 0.5
+        sx = (self.config.blob_scale * rx).nan_to_num(1.0).clamp_min(1.0)[..., None]
+        sy = (self.config.blob_scale * ry).nan_to_num(1.0).clamp_min(1.0)[..., None]
+        gx = torch.exp(-0.5 * ((grid - cx.nan_to_num(0.0)[..., None]) / sx) ** 2)  # (B, K, W)
+        gy = torch.exp(-0.5 * ((grid - cy.nan_to_num(0.0)[..., None]) / sy) ** 2)  # (B, K, H)
+        blob = gy[..., :, None] * gx[..., None, :] * present[..., None, None]  # (B, K, H, W)
+        c = cls.clamp_min(0).long()
+        onehot = torch.cat([F.one_hot(c % n_colors, n_colors),
+                            F.one_hot(c // n_colors, len(SHAPES))], -1).float()  # (B, K, 11)
+        return (blob[:, :, None] * onehot[..., None, None]).amax(1)
+
+    def set_layout_prior(self, layouts):
+        """Keep the layouts (N, K, 5) of the training images as the prior (positions only)."""
+        prior = layouts[..., 1:].float().clone()
+        prior[layouts[..., 0] < 0] = float("nan")
+        self.register_buffer("layout_prior", prior.to(self.layout_prior.device))
+        self.register_to_config(prior_shape=tuple(prior.shape[:2]))
+
+    def place(self, classes, xy):
+        """Layout (1, K, 5) of objects the user placed: classes (K,), xy (K, 2) in pixels; the
+        apparent size at each row comes from a straight-line fit of size on y over the prior."""
+        prior = self.layout_prior.float().cpu().flatten(0, 1)
+        prior = prior[~prior[:, 0].isnan()]
+        y = torch.as_tensor(xy, dtype=torch.float32)[:, 1]
+        design = torch.stack([prior[:, 1], torch.ones(len(prior))], 1)
+        coef = torch.linalg.lstsq(design, prior[:, 2:]).solution  # (2, 2): rx, ry on y
+        size = torch.stack([y, torch.ones_like(y)], 1) @ coef
+        cls = torch.as_tensor(classes, dtype=torch.float32)[:, None]
+        return torch.cat([cls, torch.as_tensor(xy, dtype=torch.float32), size], 1)[None]
+
+    def draw_layouts(self, labels, generators):
+        """Layouts (N, K, 5) for multi-hot labels (N, C) from the prior: image i takes the
+        object positions of a training image with as many objects, drawn with generators[i],
+        and gives them its labels in random order. Conditions with more objects than any
+        training image follow the renderer's placement rules instead."""
+        prior = self.layout_prior.float().cpu()
+        counts = (~prior[..., 0].isnan()).sum(1)
+        k_max = int(max(1, labels.gt(0.5).sum(1).max()))
+        out = torch.full((len(labels), k_max, 5), -1.0)
+        for i, (y, gen) in enumerate(zip(labels, generators)):
+            cls = y.gt(0.5).nonzero().flatten()
+            cls = cls[torch.randperm(len(cls), generator=gen)]
+            rows = (counts == len(cls)).nonzero().flatten()
+            if len(rows):
+                pos = prior[rows[torch.randint(len(rows), (1,), generator=gen)], :len(cls)][0]
+            else:
+                pos = placed_layout(len(cls), int(torch.randint(2**31, (1,), generator=gen)),
+                                    self.config.image_size)
+            out[i, :len(cls), 0] = cls.float()
+            out[i, :len(cls), 1:] = pos
+        return out
+
+
+def placed_layout(k, seed, size):
+    """(k, 4) positions (x, y, rx, ry) of k objects placed by the renderer's rules."""
+    import render  # only for conditions with more objects than any training image
+
+    sc = render.sample_scenes([f"prior-{seed}"], [render.dataloader.LABELS[:k]], seed=seed)
+    return torch.from_numpy(render.project_objects(sc, size)[0, :, :4]).float()
 
 
 def build_model(preset="default", **overrides):

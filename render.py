@@ -249,6 +249,51 @@ def sample_scenes(keys, objects, seed=0, device="cpu", chunk=None, progress=Fals
     return sc
 
 
+# ---------------------------------------------------------------- layouts
+def project_objects(sc, size=OUT_SIZE):
+    """Where each object slot lands in the size x size image (the 4:3 view squashed to 1:1):
+    centre (x, y) in pixels from the top-left corner (pixel i spans [i, i + 1)), apparent radius
+    (rx, ry) in pixels of a sphere of SIZE at the object's distance (the same for every shape,
+    so labels can be reassigned to a layout), and depth (distance to the camera). Returns
+    (S, K, 5) float arrays; slots without an object hold NaN."""
+    cam = sc.cam
+    fwd = -cam / np.linalg.norm(cam, axis=1, keepdims=True)
+    right = np.stack([fwd[:, 1], -fwd[:, 0], np.zeros(len(cam))], 1)
+    right /= np.linalg.norm(right, axis=1, keepdims=True)
+    up = np.cross(right, fwd)
+    hz = np.where(sc.shape >= 0, SHAPE_TABLE[sc.shape, SHAPE_KEYS.index("hz")], np.nan)
+    rel = np.concatenate([sc.xy, hz[..., None]], 2) - cam[:, None]  # (S, K, 3)
+    depth = (rel * fwd[:, None]).sum(2)
+    u = (rel * right[:, None]).sum(2) / depth / TAN_FOV[0]
+    v = (rel * up[:, None]).sum(2) / depth / TAN_FOV[1]
+    half = size / 2
+    x, y = (u + 1) * half, (1 - v) * half
+    rx, ry = (SIZE / depth / t * half for t in TAN_FOV)
+    return np.stack([x, y, rx, ry, np.linalg.norm(rel, axis=2)], 2)
+
+
+def spec_layouts(spec, seed=0, device="auto"):
+    """{image name: [{"label", "x", "y", "rx", "ry", "depth"}, ...]} for every image of a spec,
+    objects in the spec's label order, from the same placement as render_spec (no shading)."""
+    items = list(spec.items()) if isinstance(spec, dict) else list(spec)
+    keys, objects, images = plan_images(items)
+    sc = sample_scenes(keys, objects, seed, dataloader.resolve_device(device))
+    geo = np.round(project_objects(sc), 2)
+    out = {}
+    for (name, labels), (s, count) in zip(items, images):
+        out[name] = [dict(label=label, **dict(zip(("x", "y", "rx", "ry", "depth"),
+                                                  map(float, geo[s, k]))))
+                     for k, label in enumerate(labels[:count])]
+    return out
+
+
+def write_layouts(spec, path, seed=0, device="auto"):
+    """The layout file of a spec's renders (format: docs/layouts.md)."""
+    dataloader.write_json(path, {"format": dataloader.LAYOUT_FORMAT, "image_size": OUT_SIZE, "seed": seed,
+                                 "layouts": spec_layouts(spec, seed, device)}, indent=None)
+    return path
+
+
 # ---------------------------------------------------------------- ray casting
 def _dot(a, b):
     # explicit sums (not .sum()) keep every result independent of the batch shape
@@ -560,6 +605,19 @@ def render_spec(spec, out_dir, seed=0, device="auto", batch_size=None, progress=
     return len(todo)
 
 
+def ensure_layouts(spec, spec_path, root, seed=0, device="auto"):
+    """The layout file of a spec's images under root; written from the renderer's placement
+    (no shading) when missing and the images are the project's own renders."""
+    path = dataloader.layout_path(root, spec_path)
+    if path.is_file():
+        return path
+    if not all(dataloader.is_synthetic_name(n) for n in spec):
+        raise DataError(f"{dataloader._rel(path)}: no layout file for the images of "
+                        f"{dataloader._rel(spec_path)} (layouts of real images: docs/layouts.md)")
+    print(f"writing the layouts of {len(spec)} images to {dataloader._rel(path)}")
+    return write_layouts(spec, path, seed, device)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -601,6 +659,8 @@ def main():
         spec = dataloader.load_spec(args.spec or dataloader.TRAIN_JSON)
         n = render_spec(spec, out, args.seed, args.device, args.batch_size)
         print(f"rendered {n} of {len(spec)} images into {out} ({len(spec) - n} already there)")
+        layouts = dataloader.layout_path(out, args.spec or dataloader.TRAIN_JSON)
+        print(f"wrote {write_layouts(spec, layouts, args.seed, args.device)}")
 
 
 if __name__ == "__main__":

@@ -34,13 +34,21 @@ RECIPE = ["--batch-size", "256", "--lr", "5e-4", "--lr-by-time", "--max-steps", 
 # On a GPU the whole step is one CUDA graph: 3875 against 2616 images/s at batch 256 on an H200,
 # with the same losses (results/train-variants-default-h200-graph.json). --no-cuda-graph undoes it.
 GPU_RECIPE = ["--cuda-graph"]
+# On a CPU (python speedrun.py --device cpu): the grounded model (docs/grounded.md) in bf16
+# autocast, which this project's CPUs run in hardware, at a batch small enough for thousands of
+# steps in an hour; fewer validation conditions, since each one costs a CPU time.
+CPU_RECIPE = ["--preset", "ground", "--batch-size", "32", "--lr", "1e-3", "--lr-by-time",
+              "--max-steps", "1000000", "--warmup-steps", "200", "--log-every", "50",
+              "--save-every", "500", "--mixed-precision", "bf16", "--eval-conditions", "64"]
+CPU_SAMPLING = {"val_conditions": 96, "guidance_grid": [1.5, 2.0, 3.0]}
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--minutes", type=float, default=None,
-                   help="training wall-clock budget (default: 10, or 2 with --short)")
+                   help="training wall-clock budget (default: 10 on a GPU, 40 on a CPU, or 2 "
+                        "with --short)")
     p.add_argument("--short", action="store_true",
                    help="short mode for ablations: a 2-minute budget, -short in the file names")
     p.add_argument("--run-name", default=None, help="default: speedrun-<device>[-short]")
@@ -51,9 +59,11 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--guidance", default="auto",
                    help="a number, or 'auto': the best of --guidance-grid on validation conditions")
-    p.add_argument("--guidance-grid", type=float, nargs="+", default=[1.0, 2.0, 3.0, 4.0, 5.0])
-    p.add_argument("--val-conditions", type=int, default=256,
-                   help="random 1-3-object conditions used to choose the guidance scale")
+    p.add_argument("--guidance-grid", type=float, nargs="+", default=None,
+                   help="default: 1 2 3 4 5 (on a CPU: 1.5 2 3)")
+    p.add_argument("--val-conditions", type=int, default=None,
+                   help="random 1-3-object conditions used to choose the guidance scale "
+                        "(default: 256, on a CPU 96)")
     p.add_argument("--ddpm-baseline", type=int, nargs="?", const=1000, default=0, metavar="STEPS",
                    help="also score DDPM (1000 steps; fewer only to rehearse) without guidance "
                         "(seed 0), for the ablation table")
@@ -72,8 +82,9 @@ def train_flags(run_name, minutes, device, train_argv):
     run (--resume latest: one cut short by a time limit) keeps the recipe in its config.json,
     so RECIPE is left out; its --max-minutes counts the training time it already had."""
     resume = any(a == "--resume" or a.startswith("--resume=") for a in train_argv)
-    recipe = [] if resume else RECIPE + (
-        GPU_RECIPE if dl.resolve_device(device).type == "cuda" else [])
+    kind = dl.resolve_device(device).type
+    recipe = [] if resume else (RECIPE + GPU_RECIPE if kind == "cuda" else
+                                CPU_RECIPE if kind == "cpu" else RECIPE)
     return ["--run-name", run_name, "--max-minutes", str(minutes), "--device", str(device),
             *recipe, *train_argv]
 
@@ -102,7 +113,10 @@ def main(argv=None):
 
     device = dl.resolve_device(args.device)
     dev = dl.device_tag(device)
-    minutes = args.minutes or (2.0 if args.short else 10.0)
+    cpu = device.type == "cpu"
+    minutes = args.minutes or (2.0 if args.short else 40.0 if cpu else 10.0)
+    grid = args.guidance_grid or (CPU_SAMPLING["guidance_grid"] if cpu else [1, 2, 3, 4, 5])
+    n_val = args.val_conditions or (CPU_SAMPLING["val_conditions"] if cpu else 256)
     run_name = args.run_name or f"speedrun-{dev}{'-short' if args.short else ''}{args.tag}"
     command = dl.command_line()
     result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else dev,
@@ -190,9 +204,9 @@ def main(argv=None):
 
     # 3. Guidance scale from validation conditions (seed 10**6, disjoint from the benchmark seeds).
     if args.guidance == "auto":
-        val = dl.validation_conditions(args.val_conditions)
+        val = dl.validation_conditions(n_val)
         sweep = {}
-        for g in args.guidance_grid:
+        for g in grid:
             images, labels, _ = generate(val, 10**6, g)
             sweep[g] = judge.eval(images, labels)
             print(f"validation guidance {g}: accuracy {sweep[g]:.4f}")

@@ -28,8 +28,9 @@ from accelerate.utils import broadcast_object_list
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 
+import render
 from dataloader import (DATA_ROOT, TRAIN_JSON, DataError, ICLEVRDataset, _rel,
-                        encode_batch, foreground_masks, portable_path, repo_path, resolve_device,
+                        encode_batch, foreground_masks, load_spec, portable_path, repo_path, resolve_device,
                         run_cli, speed_up_cuda, to_float, to_uint8, validation_conditions,
                         write_json)
 from model import (EMA_DIR, MODEL_DIR, PRESETS, RUNS_DIR, SCHEDULER_DIR, build_model,
@@ -181,16 +182,17 @@ def _check(cfg):
 
 # ---------------------------------------------------------------- helpers
 
-def diffusion_loss(model, noise_scheduler, x0, y, noise, t, snr=None, snr_gamma=0.0,
+def diffusion_loss(model, noise_scheduler, x0, y, layout, noise, t, snr=None, snr_gamma=0.0,
                    weight=None):
     """MSE to the noise (epsilon) or to v, optionally min-SNR-gamma weighted per sample. weight
-    (B, 1, H, W) makes each sample's MSE a weighted mean over its pixels (--fg-weight)."""
+    (B, 1, H, W) makes each sample's MSE a weighted mean over its pixels (--fg-weight); layout
+    (B, K, 5) is what a grounded model reads (K = 0 for the others)."""
     x_t = noise_scheduler.add_noise(x0, noise, t)
     if noise_scheduler.config.prediction_type == "epsilon":
         target = noise
     else:
         target = noise_scheduler.get_velocity(x0, noise, t)
-    pred = model(x_t, t, y).float()
+    pred = model(x_t, t, y, layout).float()
     err = F.mse_loss(pred, target, reduction="none")
     if weight is None:
         loss = err.mean(dim=(1, 2, 3))
@@ -247,9 +249,9 @@ class TrainStep:
                 self.lr.fill_(float(g["lr"]))
                 g["lr"] = self.lr
 
-    def _step(self, x0, y, noise, t, weight=None):
-        args = (self.model, self.noise_scheduler, x0, y, noise, t, self.snr, self.snr_gamma,
-                weight)
+    def _step(self, x0, y, layout, noise, t, weight=None):
+        args = (self.model, self.noise_scheduler, x0, y, layout, noise, t, self.snr,
+                self.snr_gamma, weight)
         if self.cuda_graph:  # no Accelerate wrappers: autocast (as --mixed-precision says)
             # without its weight cache, which must not outlive a capture
             bf16 = self.acc.mixed_precision == "bf16"
@@ -265,7 +267,7 @@ class TrainStep:
         return loss.detach(), grad_norm
 
     def __call__(self, *batch):
-        """batch = (x0, y, noise, t[, weight]), the same fields at every call -> (loss, grad
+        """batch = (x0, y, layout, noise, t[, weight]), the same fields at every call -> (loss, grad
         norm) as device tensors (no host sync)."""
         self.calls += 1
         if self.cuda_graph and self.graph is None and self.calls > self.WARMUP:
@@ -413,10 +415,14 @@ def train(cfg):
     acc.print(f"config: {json.dumps(asdict(cfg))}")
 
     # Data: the whole uint8 set on the device; rank 0 renders missing synthetic images first.
+    grounded = _conditioning(cfg, ckpt) == "ground"
     with acc.main_process_first():
+        if grounded:  # the layouts of the renders (or of the user's data: docs/layouts.md)
+            spec_path = repo_path(cfg.train_json)
+            render.ensure_layouts(load_spec(spec_path), spec_path, repo_path(cfg.data_root))
         ds = ICLEVRDataset(repo_path(cfg.data_root), repo_path(cfg.train_json), in_memory=True,
-                           device=cfg.device)
-    images, labels = ds.images.to(device), ds.labels.to(device)
+                           device=cfg.device, layouts=grounded)
+    images, labels, layouts = ds.images.to(device), ds.labels.to(device), ds.layouts.to(device)
     n_images = len(ds)
     del ds
     fg = foreground_masks(images) if cfg.fg_weight != 1 else None  # (N, 1, 64, 64) bool
@@ -426,6 +432,8 @@ def train(cfg):
     # are copied into: it is what gets saved and evaluated.
     torch.manual_seed(cfg.seed)
     net = load_weights(ckpt / MODEL_DIR) if ckpt else build_model(cfg.preset)
+    if grounded and not ckpt:  # the prior sample.py draws layouts from
+        net.set_layout_prior(layouts.cpu())
     net.to(device).train()
     ema_net = (load_weights(ckpt / EMA_DIR) if ckpt else copy.deepcopy(net)).to(device).eval()
     ema_net.requires_grad_(False)
@@ -566,14 +574,17 @@ def train(cfg):
             x0 = to_float(images[idx])
             if cfg.channels_last:
                 x0 = x0.contiguous(memory_format=torch.channels_last)
-            y = labels[idx]
+            y, layout = labels[idx], layouts[idx]
             noise = torch.randn(x0.shape, generator=gen, device=device)
             t = torch.randint(0, cfg.num_train_timesteps, (cfg.batch_size,), generator=gen,
                               device=device)
             drop = torch.rand(cfg.batch_size, generator=gen, device=device) < cfg.cond_drop
             y = y.masked_fill(drop[:, None], 0.0)  # all-zero = "no condition" (CFG)
+            if layout.shape[1]:  # ... and no objects in the maps
+                layout = torch.cat([torch.where(drop[:, None, None], -1.0, layout[..., :1]),
+                                    layout[..., 1:]], -1)
 
-            batch = (x0, y, noise, t)
+            batch = (x0, y, layout, noise, t)
             if fg is not None:  # object pixels weigh fg_weight, background ones 1
                 batch += (1 + (cfg.fg_weight - 1) * fg[idx].float(),)
             loss, grad_norm = train_step(*batch)
@@ -634,6 +645,13 @@ def train(cfg):
         plot_loss(run_dir)
     acc.wait_for_everyone()
     return run_dir
+
+
+def _conditioning(cfg, ckpt):
+    """The conditioning of the model a run trains: its checkpoint's, else its preset's."""
+    if ckpt:
+        return json.loads((ckpt / MODEL_DIR / "config.json").read_text())["conditioning"]
+    return PRESETS[cfg.preset]["conditioning"]
 
 
 def param_checksum(model):

@@ -64,13 +64,15 @@ def check_graph(preset, device, batch=64, steps=8):
     g = torch.Generator(device=device).manual_seed(0)
     x0 = torch.rand(batch, 3, 64, 64, generator=g, device=device) * 2 - 1
     y = (torch.rand(batch, 24, generator=g, device=device) < 0.1).float()
+    no_layout = torch.zeros(batch, 0, 5, device=device)  # label-only presets read none
     batches = [(torch.randn(x0.shape, generator=g, device=device),
                 torch.randint(0, 1000, (batch,), generator=g, device=device))
                for _ in range(steps)]
     curves = {}
     for graph in (False, True):
         step = make_step(seed0_model(preset), device, graph=graph)
-        curves["graph" if graph else "eager"] = [float(step(x0, y, n, t)[0]) for n, t in batches]
+        curves["graph" if graph else "eager"] = [float(step(x0, y, no_layout, n, t)[0])
+                                                   for n, t in batches]
     curves["replayed"] = step.replaying  # False: the capture failed and it ran eagerly
     return curves
 
@@ -81,11 +83,12 @@ def bench(preset, device, batch, channels_last, compile_, graph, warmup, steps):
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     x0 = torch.randn(batch, 3, 64, 64, device=device).contiguous(memory_format=fmt)
     y = (torch.rand(batch, 24, device=device) < 0.1).float()
+    no_layout = torch.zeros(batch, 0, 5, device=device)  # label-only presets read none
 
     def run(n):
         t0 = time.perf_counter()
         for _ in range(n):
-            step(x0, y, torch.randn_like(x0), torch.randint(0, 1000, (batch,), device=device))
+            step(x0, y, no_layout, torch.randn_like(x0), torch.randint(0, 1000, (batch,), device=device))
         if device.type == "cuda":
             torch.cuda.synchronize()
         return time.perf_counter() - t0

@@ -326,18 +326,18 @@ def test_slow_device_says_when_the_first_status_line_comes(data, tmp_path):
 def test_fg_weight_loss_is_a_weighted_pixel_mean():
     sched = make_noise_scheduler(prediction_type="epsilon")
     pred = torch.randn(2, 3, 64, 64)
-    model = lambda x, t, y: pred  # noqa: E731  (a fixed prediction: the loss is known)
+    model = lambda x, t, y, layout: pred  # noqa: E731  (a fixed prediction: the loss is known)
     x0, noise, t = torch.zeros(2, 3, 64, 64), torch.randn(2, 3, 64, 64), torch.tensor([5, 9])
     y = None
     err = (pred - noise).square().mean(1, keepdim=True)  # (2, 1, 64, 64), epsilon target
-    plain = train.diffusion_loss(model, sched, x0, y, noise, t)
+    plain = train.diffusion_loss(model, sched, x0, y, None, noise, t)
     torch.testing.assert_close(plain, err.mean())
-    torch.testing.assert_close(train.diffusion_loss(model, sched, x0, y, noise, t,
+    torch.testing.assert_close(train.diffusion_loss(model, sched, x0, y, None, noise, t,
                                                     weight=torch.full((2, 1, 64, 64), 3.0)), plain)
     w = torch.ones(2, 1, 64, 64)
     w[:, :, :8] = 10.0  # the top 8 rows of each image weigh 10
     want = ((err * w).sum((1, 2, 3)) / w.sum((1, 2, 3))).mean()
-    torch.testing.assert_close(train.diffusion_loss(model, sched, x0, y, noise, t, weight=w), want)
+    torch.testing.assert_close(train.diffusion_loss(model, sched, x0, y, None, noise, t, weight=w), want)
 
 
 def test_nonfinite_loss_stops_cleanly(data, tmp_path):
