@@ -2,7 +2,7 @@
 
 ConditionalUNet(x, t, y) predicts the noise (or v) of x (B, 3, 64, 64) in [-1, 1]-space at
 timesteps t (B,) given multi-hot labels y (B, 24); y = all zeros is the "no condition" input that
-classifier-free guidance trains and samples with. Three ways to feed y:
+classifier-free guidance trains and samples with. Four ways to feed y:
   embed  (default) Linear -> SiLU -> Linear to the time-embedding size, added to the time
          embedding (class_embed_type="identity") and applied through AdaGN ("scale_shift").
   concat the seed report's method: Linear(24, 64*64) as one extra input channel.
@@ -25,8 +25,8 @@ Checkpoint layout (written by train.py, read by sample.py):
   runs/NAME/checkpoint-STEP/scheduler/    scheduler_config.json (the training noise schedule)
   weights folder (export_fp16):           config.json + fp16 shards + scheduler_config.json
 
-`python model.py` prints the presets' sizes. train.py trains "xattn" unless told otherwise: it won
-the 2-minute GPU ablations by far (README, "Ablations").
+`python model.py` prints the presets' sizes. train.py trains "ground" unless told otherwise (the
+CPU speedrun's model); the GPU speedrun trains "xattn", the best label-only preset (README).
 """
 import re
 import shutil

@@ -289,8 +289,9 @@ def spec_layouts(spec, seed=0, device="auto"):
 
 def write_layouts(spec, path, seed=0, device="auto"):
     """The layout file of a spec's renders (format: docs/layouts.md)."""
-    dataloader.write_json(path, {"format": dataloader.LAYOUT_FORMAT, "image_size": OUT_SIZE, "seed": seed,
-                                 "layouts": spec_layouts(spec, seed, device)}, indent=None)
+    dataloader.write_json(path, {"format": dataloader.LAYOUT_FORMAT, "image_size": OUT_SIZE,
+                                 "seed": seed, "layouts": spec_layouts(spec, seed, device)},
+                          indent=None)
     return path
 
 

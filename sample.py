@@ -28,10 +28,9 @@ from PIL import Image  # noqa: E402
 from torchvision.utils import make_grid  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from dataloader import (ROOT, TEST_JSONS, DataError, _rel, encode, encode_batch,  # noqa: E402
-                        OBJECTS, load_conditions, load_json, parse_placed_labels,
-                        resolve_device, run_cli,
-                        speed_up_cuda, to_uint8)
+from dataloader import (OBJECTS, ROOT, TEST_JSONS, DataError, _rel, encode,  # noqa: E402
+                        encode_batch, load_conditions, load_json, parse_placed_labels,
+                        resolve_device, run_cli, speed_up_cuda, to_uint8)
 from model import (EMA_DIR, MODEL_DIR, RUNS_DIR, SCHEDULER_DIR, WEIGHTS_DIR,  # noqa: E402
                    derive_seed, is_weights_dir, list_checkpoints, load_weights,
                    resolve_checkpoint)
@@ -122,7 +121,7 @@ def _x0_estimate(sched, x, out, t):
 
 def use_bf16(precision, device):
     """precision 'auto': bf16 autocast on CUDA and on CPUs that compute bf16 in hardware
-    (AVX-512 BF16, AMX), where it runs 2-3x faster than fp32; 'fp32' or 'bf16' as said."""
+    (AVX-512 BF16, AMX), where it is much faster than fp32; 'fp32' or 'bf16' as said."""
     if precision not in PRECISIONS:
         raise DataError(f"--precision: expected one of {', '.join(PRECISIONS)}, got "
                         f"{precision!r}")
@@ -248,8 +247,7 @@ def save_process(model, out_dir, *, sampler, steps, guidance, seed, scheduler_co
     y = encode(PROCESS_LABELS)[None]
     final, traj = generate(model, y, sampler=sampler, steps=steps, guidance=guidance, seed=seed,
                            scheduler_config=scheduler_config, precision=precision,
-                           return_trajectory=True,
-                           progress=False)
+                           return_trajectory=True, progress=False)
     pick = np.linspace(0, steps, frames).round().astype(int).tolist()
     x0 = torch.cat([traj["x0"][:, 0], final])  # x0 estimate from each x_t; the image at the end
     strip = torch.cat([traj["x_t"][pick, 0], x0[pick]])

@@ -26,17 +26,19 @@ import torch
 import dataloader as dl
 
 ROOT = dl.ROOT
-# The speedrun's training recipe: train.py flags that come before the user's own (the last of a
-# repeated flag wins, so e.g. `--lr 1e-3` or `--no-lr-by-time` override them). Time-annealed
-# cosine LR: the schedule ends with the budget, whatever the step rate.
-RECIPE = ["--batch-size", "256", "--lr", "5e-4", "--lr-by-time", "--max-steps", "1000000",
-          "--warmup-steps", "300", "--log-every", "200", "--save-every", "2000"]
+# The speedrun's training recipe on a GPU: train.py flags that come before the user's own (the
+# last of a repeated flag wins, so e.g. `--lr 1e-3` or `--no-lr-by-time` override them).
+# Time-annealed cosine LR: the schedule ends with the budget, whatever the step rate. xattn is
+# the best label-only preset of the GPU ablations (README).
+RECIPE = ["--preset", "xattn", "--batch-size", "256", "--lr", "5e-4", "--lr-by-time",
+          "--max-steps", "1000000", "--warmup-steps", "300", "--log-every", "200",
+          "--save-every", "2000"]
 # On a GPU the whole step is one CUDA graph: 3875 against 2616 images/s at batch 256 on an H200,
 # with the same losses (results/train-variants-default-h200-graph.json). --no-cuda-graph undoes it.
 GPU_RECIPE = ["--cuda-graph"]
 # On a CPU (python speedrun.py --device cpu): the grounded model (docs/grounded.md) in bf16
 # autocast, which this project's CPUs run in hardware, at a batch small enough for thousands of
-# steps in an hour; fewer validation conditions, since each one costs a CPU time.
+# steps in an hour; fewer validation conditions, since each costs CPU time.
 CPU_RECIPE = ["--preset", "ground", "--batch-size", "32", "--lr", "1e-3", "--lr-by-time",
               "--max-steps", "1000000", "--warmup-steps", "200", "--log-every", "50",
               "--save-every", "500", "--mixed-precision", "bf16", "--eval-conditions", "64"]

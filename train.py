@@ -1,6 +1,6 @@
 """Train the conditional DDPM (HF Accelerate: CPU, one GPU, or several via `accelerate launch`).
 
-    python train.py                                       # xattn preset, synthetic data
+    python train.py                                       # ground preset, synthetic data
     python train.py --preset tiny --max-steps 4 --run-name demo
     python train.py --run-name demo --resume latest --max-steps 8
     accelerate launch --num_processes 2 train.py ...      # --batch-size is per process
@@ -30,9 +30,9 @@ from diffusers.training_utils import EMAModel
 
 import render
 from dataloader import (DATA_ROOT, TRAIN_JSON, DataError, ICLEVRDataset, _rel,
-                        encode_batch, foreground_masks, load_spec, portable_path, repo_path, resolve_device,
-                        run_cli, speed_up_cuda, to_float, to_uint8, validation_conditions,
-                        write_json)
+                        encode_batch, foreground_masks, load_spec, portable_path, repo_path,
+                        resolve_device, run_cli, speed_up_cuda, to_float, to_uint8,
+                        validation_conditions, write_json)
 from model import (EMA_DIR, MODEL_DIR, PRESETS, RUNS_DIR, SCHEDULER_DIR, build_model,
                    count_params, derive_seed, list_checkpoints, load_weights,
                    make_noise_scheduler, resolve_checkpoint)
@@ -57,9 +57,8 @@ class TrainConfig:
                                           "rendered when missing)")
     train_json: str = _opt(portable_path(TRAIN_JSON), "spec file: image name -> label list")
     # model and diffusion
-    # xattn: in the 2-minute H200 ablations it scored 0.72/0.75 against 0.34/0.51 for "default"
-    # (results/speedrun-h200-short-*.json), so it is what train.py and the speedrun train.
-    preset: str = _opt("xattn", "model preset (model.PRESETS); a resumed run keeps its model",
+    # ground: the grounded model (docs/grounded.md), which trains well on a CPU
+    preset: str = _opt("ground", "model preset (model.PRESETS); a resumed run keeps its model",
                        choices=list(PRESETS))
     num_train_timesteps: int = _opt(1000, "DDPM training timesteps")
     beta_schedule: str = _opt("squaredcos_cap_v2", "DDPM beta schedule (cosine by default)")

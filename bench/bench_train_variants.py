@@ -1,7 +1,11 @@
 """Training throughput of one preset under speed options (batch size, channels_last,
-torch.compile, CUDA graph), with train.py's own TrainStep (bf16 autocast on CUDA, fused AdamW).
+torch.compile, CUDA graph; on a CPU also bf16 autocast and threads), with train.py's own
+TrainStep (bf16 autocast on CUDA, fused AdamW there).
 
     python bench/bench_train_variants.py --device cuda  # results/train-variants-PRESET-GPU.json
+    python bench/bench_train_variants.py --device cpu --preset ground   # the CPU variants
+
+Achieved GFLOP/s counts a training step as 3 forward passes (model.flops_per_image).
 
 The JSON is rewritten after every variant, so a run cut short keeps what it measured.
 """
@@ -19,10 +23,10 @@ from accelerate import Accelerator  # noqa: E402
 
 from dataloader import (ROOT, DataError, command_line, device_tag, resolve_device,  # noqa: E402
                         run_cli, speed_up_cuda, write_json)
-from model import build_model, make_noise_scheduler  # noqa: E402
+from model import build_model, flops_per_image, make_noise_scheduler  # noqa: E402
 from train import TrainStep  # noqa: E402
 
-VARIANTS = {  # name: (batch size, channels_last, compile, CUDA graph)
+VARIANTS = {  # name: (batch size, channels_last, compile, CUDA graph[, precision, threads])
     "b256": (256, False, False, False),
     "b256 channels_last": (256, True, False, False),
     "b512": (512, False, False, False),
@@ -34,15 +38,25 @@ VARIANTS = {  # name: (batch size, channels_last, compile, CUDA graph)
     # compile time once launches are gone?
     "b256 compile graph": (256, False, True, True),
 }
+CPU_VARIANTS = {  # the speedrun's CPU batch; precision "no" = fp32, threads 0 = torch's default
+    "b32 fp32": (32, False, False, False, "no", 0),
+    "b32 bf16": (32, False, False, False, "bf16", 0),
+    "b32 bf16 channels_last": (32, True, False, False, "bf16", 0),
+    "b32 bf16 1 thread": (32, False, False, False, "bf16", 1),
+    "b64 bf16": (64, False, False, False, "bf16", 0),
+    "b32 bf16 compile": (32, False, True, False, "bf16", 0),
+}
+VARIANTS.update(CPU_VARIANTS)
 BUDGET_S = 600  # the speedrun's 10 minutes: what a variant's warm-up (compile) time costs
 
 
-def make_step(net, device, channels_last=False, compile_=False, graph=False):
+def make_step(net, device, channels_last=False, compile_=False, graph=False, precision="auto"):
     """train.py's TrainStep (loss, backward, clip, fused AdamW, as train.py builds them) for net.
     Eager steps go through accelerate.prepare, which patches net's forward: pass a copy of a
     model that is used for anything else afterwards."""
     cuda = device.type == "cuda"
-    acc = Accelerator(cpu=not cuda, mixed_precision="bf16" if cuda else "no")
+    mp = precision if precision != "auto" else ("bf16" if cuda else "no")
+    acc = Accelerator(cpu=not cuda, mixed_precision=mp)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     net = net.to(device, memory_format=fmt).train()
     opt = torch.optim.AdamW(net.parameters(), lr=1e-4, fused=cuda, capturable=graph)
@@ -77,18 +91,23 @@ def check_graph(preset, device, batch=64, steps=8):
     return curves
 
 
-def bench(preset, device, batch, channels_last, compile_, graph, warmup, steps):
+def bench(preset, device, batch, channels_last, compile_, graph, warmup, steps,
+          precision="auto"):
     """Images/s of train.py's TrainStep on random data, and the warm-up seconds."""
-    step = make_step(seed0_model(preset), device, channels_last, compile_, graph)
+    step = make_step(seed0_model(preset), device, channels_last, compile_, graph, precision)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     x0 = torch.randn(batch, 3, 64, 64, device=device).contiguous(memory_format=fmt)
     y = (torch.rand(batch, 24, device=device) < 0.1).float()
-    no_layout = torch.zeros(batch, 0, 5, device=device)  # label-only presets read none
+    # three objects anywhere (the grounded presets draw their maps; the others read nothing)
+    no_layout = torch.cat([torch.randint(0, 24, (batch, 3, 1), device=device).float(),
+                           torch.rand(batch, 3, 2, device=device) * 64,
+                           torch.full((batch, 3, 2), 4.0, device=device)], -1)
 
     def run(n):
         t0 = time.perf_counter()
         for _ in range(n):
-            step(x0, y, no_layout, torch.randn_like(x0), torch.randint(0, 1000, (batch,), device=device))
+            step(x0, y, no_layout, torch.randn_like(x0),
+                 torch.randint(0, 1000, (batch,), device=device))
         if device.type == "cuda":
             torch.cuda.synchronize()
         return time.perf_counter() - t0
@@ -103,7 +122,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--preset", default="default")
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    ap.add_argument("--variants", nargs="+", default=None, choices=list(VARIANTS),
+                    help="default: the CPU variants on a CPU, the others elsewhere")
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--tag", default="",
@@ -111,12 +131,16 @@ def main():
     args = ap.parse_args()
     device = resolve_device(args.device)
     speed_up_cuda(device)
+    args.variants = args.variants or [v for v in VARIANTS
+                                      if (v in CPU_VARIANTS) == (device.type == "cpu")]
+    gflop = flops_per_image(build_model(args.preset)) / 1e9
     out = ROOT / "results" / f"train-variants-{args.preset}-{device_tag(device)}{args.tag}.json"
     res = {"bench": "train variants", "preset": args.preset,
            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
            "versions": {"python": platform.python_version(), "torch": torch.__version__},
            "command": command_line(),
-           "timed_steps": args.steps, "warmup_steps": args.warmup, "variants": {}}
+           "timed_steps": args.steps, "warmup_steps": args.warmup,
+           "gflop_per_image_forward": round(gflop, 3), "variants": {}}
     if device.type == "cuda" and any(VARIANTS[v][3] for v in args.variants):
         try:
             curves = check_graph(args.preset, device)
@@ -128,23 +152,29 @@ def main():
             res["graph_check"] = {"error": str(e).strip().splitlines()[0][:500]}
             print(f"CUDA graph check failed: {res['graph_check']['error']}")
         write_json(out, res)
-    print(f"{'variant':22s} {'img/s':>9s} {'warm-up s':>10s} {'images in 10 min':>17s}")
+    print(f"{'variant':24s} {'img/s':>9s} {'GFLOP/s':>8s} {'warm-up s':>10s} "
+          f"{'images in 10 min':>17s}")
+    threads = torch.get_num_threads()
     for name in args.variants:
-        batch, cl, comp, graph = VARIANTS[name]
+        batch, cl, comp, graph, precision, n_threads = (*VARIANTS[name], "auto", 0)[:6]
+        torch.set_num_threads(n_threads or threads)
         try:
             ips, warm = bench(args.preset, device, batch, cl, comp, graph, args.warmup,
-                              args.steps)
+                              args.steps, precision)
         except (RuntimeError, DataError) as e:  # e.g. a capture that fails: record, go on
-            print(f"{name:22s} failed: {str(e).strip().splitlines()[0][:200]}", flush=True)
+            print(f"{name:24s} failed: {str(e).strip().splitlines()[0][:200]}", flush=True)
             res["variants"][name] = {"error": str(e).strip().splitlines()[0][:500]}
             write_json(out, res)
             continue
         budget = max(0.0, BUDGET_S - warm) * ips  # compile and capture come out of the budget
         res["variants"][name] = {"batch_size": batch, "channels_last": cl, "compile": comp,
-                                 "cuda_graph": graph, "images_per_s": round(ips, 1),
+                                 "cuda_graph": graph, "precision": precision,
+                                 "threads": n_threads or threads, "images_per_s": round(ips, 1),
+                                 "achieved_gflop_per_s": round(3 * gflop * ips, 1),
                                  "warmup_seconds": round(warm, 1),
                                  "images_in_10_min": round(budget)}
-        print(f"{name:22s} {ips:9.0f} {warm:10.1f} {budget:17.0f}", flush=True)
+        print(f"{name:24s} {ips:9.1f} {3 * gflop * ips:8.0f} {warm:10.1f} {budget:17.0f}",
+              flush=True)
         write_json(out, res)
     print(f"wrote {out.relative_to(ROOT)}")
 

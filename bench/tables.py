@@ -47,16 +47,65 @@ def by_objects(*groups):
                                                                 key=lambda kv: int(kv[0])))
 
 
+def curve(r, at="step"):
+    """'0.15@500 0.64@1000': the validation accuracy logged during training (--eval-every)."""
+    return " ".join(f"{p['val_accuracy']:.2f}@{p[at]:g}" for p in r.get("learning_curve", []))
+
+
+def compare_table():
+    """The CPU side by side (bench/cpu_compare.sh): one budget, one recipe, three
+    conditionings."""
+    paths = sorted(RESULTS.glob("speedrun-cpu-compare-*.json"))
+    runs = [(p, json.loads(p.read_text())) for p in paths]
+    runs = [(p, r) for p, r in runs if "accuracy_mean" in r]
+    if not runs:
+        return
+    print("### Grounded against label-only on this CPU (`bench/cpu_compare.sh`), same budget "
+          "and recipe, 5 seeds each\n")
+    row("preset", "conditioning", "training", "images/s", "guidance", "test.json",
+        "new_test.json", "accuracy by number of objects", "file")
+    row(*["---"] * 9)
+    for path, r in runs:
+        m, s, cfg = r["accuracy_mean"], r["accuracy_std"], r["train_config"]
+        row(cfg["preset"], CONDITIONING.get(cfg["preset"], ""),
+            f"{r['train_minutes']} min, {r['steps']} steps", f"{r['train_images_per_s']:.0f}",
+            r["guidance"], f"{m['test']:.4f} ± {s['test']:.4f}",
+            f"{m['new_test']:.4f} ± {s['new_test']:.4f}",
+            by_objects(*r.get("accuracy_by_objects_all_seeds", {}).values()),
+            f"`results/{path.name}`")
+    print()
+
+
+CONDITIONING = {"ground": "spatial label maps + label vector (grounded)",
+                "xfast": "label tokens by cross-attention + label vector",
+                "concat-cpu": "the seed report's constant label map"}
+
+
+def fidelity_table():
+    """bench/bench_layout_fidelity.py: are the objects where they were placed?"""
+    for path in sorted(RESULTS.glob("layout-fidelity-*.json")):
+        r = json.loads(path.read_text())
+        print(f"### Layout fidelity (`bench/bench_layout_fidelity.py`), `{r['checkpoint']}`, "
+              f"{r['conditions']} validation conditions ({r['objects']} objects), "
+              f"{r['sampler']} {r['steps']}, guidance {r['guidance']}\n")
+        row("images", "objects where they were placed", "judge accuracy", "file")
+        row(*["---"] * 4)
+        for name, v in r["rows"].items():
+            row(name, f"{v['layout_fidelity']:.4f}", f"{v['judge_accuracy']:.4f}",
+                f"`results/{path.name}`")
+        print()
+
+
 def speedrun_table():
     print("### Speedrun (`speedrun.py`), accuracy by the shipped judge, 5 seeds, one checkpoint\n")
     row("device", "training", "images/s", "sampler", "guidance", "test.json", "new_test.json",
         "FD test / new_test",
         "misses: wrong shape / wrong color / neither; images with too many / too few objects",
-        "accuracy by number of objects", "file")
-    row(*["---"] * 11)
+        "accuracy by number of objects", "validation accuracy during training (at minutes)", "file")
+    row(*["---"] * 12)
     for path in sorted(RESULTS.glob("speedrun-*.json")):
         r = json.loads(path.read_text())
-        if "accuracy_mean" not in r or "-short" in path.name:
+        if "accuracy_mean" not in r or "-short" in path.name or "-compare-" in path.name:
             continue
         m, s = r["accuracy_mean"], r["accuracy_std"]
         row(r["device"], f"{r['train_minutes']} min, {r['steps']} steps",
@@ -65,11 +114,11 @@ def speedrun_table():
             f"{m['new_test']:.4f} ± {s['new_test']:.4f}",
             fd(r), misses(r),
             by_objects(*r.get("accuracy_by_objects_all_seeds", {}).values()),
-            f"`results/{path.name}`")
+            curve(r, "train_minutes"), f"`results/{path.name}`")
         if "ddpm1000_no_guidance_seed0" in r:
             d = r["ddpm1000_no_guidance_seed0"]
             row(r["device"], "same checkpoint", "", f"ddpm {d.get('steps', 1000)}", 1.0,
-                f"{d['test']:.4f} (seed 0)", f"{d['new_test']:.4f} (seed 0)", "", "", "",
+                f"{d['test']:.4f} (seed 0)", f"{d['new_test']:.4f} (seed 0)", "", "", "", "",
                 f"`results/{path.name}`")
     print()
 
@@ -220,6 +269,8 @@ def speed_table():
         for name, v in r["variants"].items():
             number = (f"{v['images_per_s']:.0f} images/s" if "images_per_s" in v
                       else f"failed: {v['error'][:80]}")
+            if "achieved_gflop_per_s" in v:
+                number += f" ({v['achieved_gflop_per_s']:.0f} GFLOP/s)"
             if "images_in_10_min" in v:  # compile and capture time come out of the budget
                 number += (f" after {v['warmup_seconds']:.0f} s of warm-up: "
                            f"{v['images_in_10_min'] / 1e6:.2f}M images in 10 min")
@@ -271,6 +322,8 @@ if __name__ == "__main__":
         drawn = plot_curves(RESULTS / "ablation-curves.png")
         print(f"wrote {drawn.relative_to(ROOT)}\n" if drawn else "no learning curves yet\n")
     speedrun_table()
+    compare_table()
+    fidelity_table()
     ablation_table()
     guidance_table()
     judge_table()

@@ -268,8 +268,11 @@ def test_speedrun_recipe_yields_to_user_flags(runs, monkeypatch):
         ["--ddpm-baseline", "--cuda-graph"], ["--ddpm-baseline", "3"])] == [1000, 3]
     cfg = train.parse_args(speedrun.train_flags("r", 2.0, "cpu", rest))
     assert (cfg.lr, cfg.preset, cfg.lr_by_time) == (1e-3, "fast", False)  # the user's
-    assert (cfg.batch_size, cfg.warmup_steps, cfg.max_minutes) == (256, 300, 2.0)  # the recipe's
-    assert not cfg.cuda_graph and train.parse_args([]).preset == "xattn"  # on the CPU: no graph
+    # the CPU recipe's: a small batch, bf16 autocast
+    assert (cfg.batch_size, cfg.warmup_steps, cfg.max_minutes) == (32, 200, 2.0)
+    assert cfg.mixed_precision == "bf16" and not cfg.cuda_graph  # on the CPU: no graph
+    assert train.parse_args([]).preset == "ground"
+    assert train.parse_args(speedrun.train_flags("r", 2.0, "cpu", [])).preset == "ground"
     # resuming a run keeps its own recipe (run a: tiny, batch 4), not RECIPE; the budget is new
     cfg = train.parse_args(speedrun.train_flags("a", 3.0, "cpu", ["--resume", "latest",
                                                                  "--runs-dir", str(runs)]))
@@ -278,6 +281,7 @@ def test_speedrun_recipe_yields_to_user_flags(runs, monkeypatch):
     monkeypatch.setattr(speedrun.dl, "resolve_device", lambda d: torch.device("cuda"))
     flags = speedrun.train_flags("r", 2.0, "auto", ["--no-cuda-graph"])
     assert flags.index("--cuda-graph") < flags.index("--no-cuda-graph")
+    assert train.parse_args(flags).preset == "xattn" and train.parse_args(flags).batch_size == 256
     assert "--cuda-graph" not in speedrun.train_flags("r", 2.0, "auto", ["--resume", "latest"])
 
 
@@ -337,7 +341,8 @@ def test_fg_weight_loss_is_a_weighted_pixel_mean():
     w = torch.ones(2, 1, 64, 64)
     w[:, :, :8] = 10.0  # the top 8 rows of each image weigh 10
     want = ((err * w).sum((1, 2, 3)) / w.sum((1, 2, 3))).mean()
-    torch.testing.assert_close(train.diffusion_loss(model, sched, x0, y, None, noise, t, weight=w), want)
+    torch.testing.assert_close(
+        train.diffusion_loss(model, sched, x0, y, None, noise, t, weight=w), want)
 
 
 def test_nonfinite_loss_stops_cleanly(data, tmp_path):
