@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from accelerate import Accelerator  # noqa: E402
+from accelerate.state import AcceleratorState  # noqa: E402
 
 from dataloader import (ROOT, DataError, command_line, device_tag, resolve_device,  # noqa: E402
                         run_cli, speed_up_cuda, write_json)
@@ -56,6 +57,7 @@ def make_step(net, device, channels_last=False, compile_=False, graph=False, pre
     model that is used for anything else afterwards."""
     cuda = device.type == "cuda"
     mp = precision if precision != "auto" else ("bf16" if cuda else "no")
+    AcceleratorState._reset_state(True)  # a process-wide singleton: each variant its precision
     acc = Accelerator(cpu=not cuda, mixed_precision=mp)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     net = net.to(device, memory_format=fmt).train()
