@@ -228,17 +228,23 @@ def layout_path(root, spec_path):
     return Path(root) / f"{Path(spec_path).stem}_layouts.json"
 
 
-def load_layouts(path, spec):
-    """A layout file -> (N, K, 5) float tensor in spec order: per object (class index, x, y,
-    rx, ry), class -1 where an image has fewer than K objects."""
+def read_layout_file(path):
+    """A layout file -> ({image name: [objects]}, {image name: why it has no layout})."""
     data = load_json(path)
     if not isinstance(data, dict) or data.get("format") != LAYOUT_FORMAT:
         raise DataError(f"{_rel(path)}: expected a layout file (\"format\": "
                         f"\"{LAYOUT_FORMAT}\", docs/layouts.md)")
-    layouts = data.get("layouts")
-    if not isinstance(layouts, dict):
-        raise DataError(f"{_rel(path)}: expected \"layouts\": {{image name: [objects]}}")
-    return layout_tensor(layouts, spec, _rel(path))
+    layouts, skipped = data.get("layouts"), data.get("skipped", {})
+    if not isinstance(layouts, dict) or not isinstance(skipped, dict):
+        raise DataError(f"{_rel(path)}: expected \"layouts\": {{image name: [objects]}} and "
+                        "optionally \"skipped\": {image name: reason}")
+    return layouts, skipped
+
+
+def load_layouts(path, spec):
+    """A layout file -> (N, K, 5) float tensor in spec order: per object (class index, x, y,
+    rx, ry), class -1 where an image has fewer than K objects."""
+    return layout_tensor(read_layout_file(path)[0], spec, _rel(path))
 
 
 def layout_tensor(layouts, spec, source="layouts"):
@@ -321,6 +327,12 @@ def _median_1d(x, k, dim):
     return F.pad(x, pad, mode="replicate").unfold(dim, k, 1).median(-1).values
 
 
+def median_background(images, window=21):
+    """The image without its objects (see foreground_masks): float (N, 3, H, W)."""
+    x = torch.as_tensor(images).float()
+    return _median_1d(_median_1d(x, window, 3), window, 2)
+
+
 def foreground_masks(images, window=21, threshold=10, grow=1, chunk=256):
     """Where the objects are: uint8 images (N, 3, H, W) -> bool masks (N, 1, H, W).
 
@@ -334,8 +346,7 @@ def foreground_masks(images, window=21, threshold=10, grow=1, chunk=256):
     out = []
     for x in images.split(chunk):
         x = x.float()
-        background = _median_1d(_median_1d(x, window, 3), window, 2)
-        m = ((x - background).abs().amax(1, keepdim=True) > threshold).float()
+        m = ((x - median_background(x, window)).abs().amax(1, keepdim=True) > threshold).float()
         if grow:
             m = F.max_pool2d(m, 2 * grow + 1, stride=1, padding=grow)
         out.append(m.bool())
@@ -344,7 +355,8 @@ def foreground_masks(images, window=21, threshold=10, grow=1, chunk=256):
 
 class ICLEVRDataset(Dataset):
     """Images of a spec file under root, as (image in [-1, 1] (3, 64, 64), multi-hot (24,)),
-    plus the image's layout (K, 5) with layouts=True (its layout file must exist).
+    plus the image's layout (K, 5) with layouts=True (the layout file beside the images) or
+    layouts=PATH (attach_layouts).
 
     in_memory=True decodes every image once into one uint8 tensor (18,009 images: 221 MB), so
     epochs cost no decoding and the whole set can be moved to the GPU (see .images).
@@ -364,9 +376,7 @@ class ICLEVRDataset(Dataset):
                                 f"{', '.join(missing[:3])})")
         self.names = list(spec)
         self.labels = encode_batch([spec[n] for n in self.names], _rel(self.spec_path))
-        # (N, K, 5) object layouts (load_layouts) with layouts=True, else (N, 0, 5)
-        self.layouts = (load_layouts(layout_path(self.root, self.spec_path), spec) if layouts
-                        else torch.zeros(len(spec), 0, 5))
+        self.layouts = torch.zeros(len(spec), 0, 5)  # (N, K, 5) once a layout file is attached
         self.images = None
         if in_memory:
             self.images = torch.empty(len(self.names), 3, size, size, dtype=torch.uint8)
@@ -377,6 +387,24 @@ class ICLEVRDataset(Dataset):
                                              desc="decoding images", leave=False,
                                              mininterval=1.0)):
                     self.images[i] = img
+        if layouts:
+            self.attach_layouts(layout_path(self.root, self.spec_path) if layouts is True
+                                else layouts)
+
+    def attach_layouts(self, path):
+        """Read a layout file (dataloader.load_layouts) into .layouts; the images it lists as
+        skipped (an estimate could not place them) leave the set. Returns their number."""
+        spec = load_spec(self.spec_path)
+        layouts, skipped = read_layout_file(path)
+        keep = [i for i, n in enumerate(self.names) if n not in skipped]
+        if not keep:
+            raise DataError(f"{_rel(path)}: every image of {_rel(self.spec_path)} is skipped")
+        self.names = [self.names[i] for i in keep]
+        self.labels = self.labels[keep]
+        if self.images is not None:
+            self.images = self.images[keep]
+        self.layouts = layout_tensor(layouts, {n: spec[n] for n in self.names}, _rel(path))
+        return len(spec) - len(keep)
 
     def __len__(self):
         return len(self.names)

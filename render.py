@@ -64,6 +64,7 @@ SPHERE, CYLINDER = dataloader.SHAPES.index("sphere"), dataloader.SHAPES.index("c
 
 CAMERA = np.array([7.481, -6.508, 5.344])  # looks at the origin
 CAMERA_JITTER = 0.5
+MOVE_JITTER = 1.5  # --camera-moves: each step's camera, wide enough to shift objects by pixels
 TAN_FOV = (16.0 / 35.0, 12.0 / 35.0)  # 35 mm lens, 32 x 24 mm of sensor: 49.1 x 37.8 deg
 # Area lights: position, strength, tint, side length; jittered, always aimed at the origin.
 LIGHTS = [((6.447, -2.905, 4.258), 100.0, (1.0, 0.932, 0.817), 0.5),   # key
@@ -272,25 +273,44 @@ def project_objects(sc, size=OUT_SIZE):
     return np.stack([x, y, rx, ry, np.linalg.norm(rel, axis=2)], 2)
 
 
-def spec_layouts(spec, seed=0, device="auto"):
+def moved_cameras(keys, images, seed):
+    """(N, 3) camera positions, one per image, for renders whose camera moves between the steps
+    of a scene (--camera-moves): each step's camera is jittered afresh from its own (seed, scene,
+    step) generator; the placement keeps the scene's camera."""
+    return np.stack([CAMERA + (2 * scene_rng(seed, f"{keys[s]}\0step{count}").random(3) - 1)
+                     * MOVE_JITTER for s, count in images])
+
+
+def image_scenes(sc, images, cams, lo, hi):
+    """Scenes of images[lo:hi] ((scene, object count) pairs), through cams[lo:hi] if given."""
+    scene_idx, counts = np.array(images[lo:hi]).T
+    sub = sc.take(scene_idx, counts)
+    if cams is not None:
+        sub.cam = cams[lo:hi]
+    return sub
+
+
+def spec_layouts(spec, seed=0, device="auto", camera_moves=False):
     """{image name: [{"label", "x", "y", "rx", "ry", "depth"}, ...]} for every image of a spec,
     objects in the spec's label order, from the same placement as render_spec (no shading)."""
     items = list(spec.items()) if isinstance(spec, dict) else list(spec)
     keys, objects, images = plan_images(items)
     sc = sample_scenes(keys, objects, seed, dataloader.resolve_device(device))
-    geo = np.round(project_objects(sc), 2)
+    cams = moved_cameras(keys, images, seed) if camera_moves else None
+    geo = np.round(project_objects(image_scenes(sc, images, cams, 0, len(images))), 2)
     out = {}
-    for (name, labels), (s, count) in zip(items, images):
+    for i, (name, labels) in enumerate(items):
         out[name] = [dict(label=label, **dict(zip(("x", "y", "rx", "ry", "depth"),
-                                                  map(float, geo[s, k]))))
-                     for k, label in enumerate(labels[:count])]
+                                                  map(float, geo[i, k]))))
+                     for k, label in enumerate(labels)]
     return out
 
 
-def write_layouts(spec, path, seed=0, device="auto"):
+def write_layouts(spec, path, seed=0, device="auto", camera_moves=False):
     """The layout file of a spec's renders (format: docs/layouts.md)."""
-    dataloader.write_json(path, {"format": dataloader.LAYOUT_FORMAT, "image_size": OUT_SIZE,
-                                 "seed": seed, "layouts": spec_layouts(spec, seed, device)},
+    data = {"format": dataloader.LAYOUT_FORMAT, "image_size": OUT_SIZE, "seed": seed,
+            "layouts": spec_layouts(spec, seed, device, camera_moves)}
+    dataloader.write_json(path, {**data, "camera_moves": True} if camera_moves else data,
                           indent=None)
     return path
 
@@ -552,17 +572,17 @@ def _workers(device):
         torch.set_num_threads(threads)
 
 
-def _render_images(items, seed, device, batch_size, progress):
+def _render_images(items, seed, device, batch_size, progress, camera_moves=False):
     """Yield (first index, uint8 batch on device) over every (name, labels) of items."""
     keys, objects, images = plan_images(items)
     device = dataloader.resolve_device(device)
     bs = batch_size or DEFAULT_BATCH.get(device.type, 8)
-    scene_idx, counts = np.array(images).T
     sc = sample_scenes(keys, objects, seed, device, progress=progress)
+    cams = moved_cameras(keys, images, seed) if camera_moves else None
     with _workers(device) as pmap:
         starts = range(0, len(images), bs)
-        batches = pmap(lambda i: render_scenes(
-            sc.take(scene_idx[i:i + bs], counts[i:i + bs]), device), starts)
+        batches = pmap(lambda i: render_scenes(image_scenes(sc, images, cams, i, i + bs),
+                                               device), starts)
         with tqdm(total=len(images), desc="rendering", unit="img", disable=not progress,
                   mininterval=1.0) as bar:
             for i, imgs in zip(starts, batches):
@@ -570,13 +590,15 @@ def _render_images(items, seed, device, batch_size, progress):
                 bar.update(len(imgs))
 
 
-def render_tensor(items, seed=0, device="auto", batch_size=None, progress=False):
+def render_tensor(items, seed=0, device="auto", batch_size=None, progress=False,
+                  camera_moves=False):
     """Render (name, labels) pairs or a spec dict -> uint8 tensor (N, 3, 64, 64) on device."""
     items = list(items.items()) if isinstance(items, dict) else list(items)
     out = torch.empty(len(items), 3, OUT_SIZE, OUT_SIZE, dtype=torch.uint8,
                       device=dataloader.resolve_device(device))
     if items:
-        for i, imgs in _render_images(items, seed, device, batch_size, progress):
+        for i, imgs in _render_images(items, seed, device, batch_size, progress,
+                                      camera_moves):
             out[i:i + len(imgs)] = imgs
     return out
 
@@ -589,7 +611,8 @@ def _write_png(path, chw):
     os.replace(tmp, path)
 
 
-def render_spec(spec, out_dir, seed=0, device="auto", batch_size=None, progress=True):
+def render_spec(spec, out_dir, seed=0, device="auto", batch_size=None, progress=True,
+                camera_moves=False):
     """Write a 64x64 PNG for every spec entry into out_dir, skipping files that exist.
     Returns the number of images rendered."""
     out_dir = Path(out_dir)
@@ -600,7 +623,7 @@ def render_spec(spec, out_dir, seed=0, device="auto", batch_size=None, progress=
     out_dir.mkdir(parents=True, exist_ok=True)
     # PNG encoding (zlib) releases the GIL: a few writer threads keep up with a GPU renderer
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        for i, imgs in _render_images(todo, seed, device, batch_size, progress):
+        for i, imgs in _render_images(todo, seed, device, batch_size, progress, camera_moves):
             list(pool.map(_write_png, [out_dir / todo[i + k][0] for k in range(len(imgs))],
                           imgs.cpu()))
     return len(todo)
@@ -614,7 +637,8 @@ def ensure_layouts(spec, spec_path, root, seed=0, device="auto"):
         return path
     if not all(dataloader.is_synthetic_name(n) for n in spec):
         raise DataError(f"{dataloader._rel(path)}: no layout file for the images of "
-                        f"{dataloader._rel(spec_path)} (layouts of real images: docs/layouts.md)")
+                        f"{dataloader._rel(spec_path)} (estimate them: python "
+                        "estimate_layouts.py, docs/layouts.md)")
     print(f"writing the layouts of {len(spec)} images to {dataloader._rel(path)}")
     return write_layouts(spec, path, seed, device)
 
@@ -636,6 +660,9 @@ def main():
     ap.add_argument("--labels", help='render one image, e.g. "red sphere, cyan cube"')
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
+    ap.add_argument("--camera-moves", action="store_true",
+                    help="--spec: move the camera between the steps of a scene (a test of "
+                         "estimate_layouts.py's fallback; the lab's data keeps it still)")
     ap.add_argument("--batch-size", type=int, default=None,
                     help="images per batch (default: 8 on a CPU, 1024 on a GPU)")
     args = ap.parse_args()
@@ -658,10 +685,11 @@ def main():
     else:
         out = args.out or dataloader.DATA_ROOT
         spec = dataloader.load_spec(args.spec or dataloader.TRAIN_JSON)
-        n = render_spec(spec, out, args.seed, args.device, args.batch_size)
+        n = render_spec(spec, out, args.seed, args.device, args.batch_size,
+                        camera_moves=args.camera_moves)
         print(f"rendered {n} of {len(spec)} images into {out} ({len(spec) - n} already there)")
         layouts = dataloader.layout_path(out, args.spec or dataloader.TRAIN_JSON)
-        print(f"wrote {write_layouts(spec, layouts, args.seed, args.device)}")
+        print(f"wrote {write_layouts(spec, layouts, args.seed, args.device, args.camera_moves)}")
 
 
 if __name__ == "__main__":

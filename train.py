@@ -28,9 +28,11 @@ from accelerate.utils import broadcast_object_list
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 
+import estimate_layouts
 import render
 from dataloader import (DATA_ROOT, TRAIN_JSON, DataError, ICLEVRDataset, _rel,
-                        encode_batch, foreground_masks, load_spec, portable_path, repo_path,
+                        encode_batch, foreground_masks, is_synthetic_name, layout_path,
+                        load_spec, portable_path, repo_path,
                         resolve_device, run_cli, speed_up_cuda, to_float, to_uint8,
                         validation_conditions, write_json)
 from model import (EMA_DIR, MODEL_DIR, PRESETS, RUNS_DIR, SCHEDULER_DIR, build_model,
@@ -416,11 +418,12 @@ def train(cfg):
     # Data: the whole uint8 set on the device; rank 0 renders missing synthetic images first.
     grounded = _conditioning(cfg, ckpt) == "ground"
     with acc.main_process_first():
-        if grounded:  # the layouts of the renders (or of the user's data: docs/layouts.md)
-            spec_path = repo_path(cfg.train_json)
-            render.ensure_layouts(load_spec(spec_path), spec_path, repo_path(cfg.data_root))
         ds = ICLEVRDataset(repo_path(cfg.data_root), repo_path(cfg.train_json), in_memory=True,
-                           device=cfg.device, layouts=grounded)
+                           device=cfg.device)
+        if grounded:
+            dropped = ds.attach_layouts(find_layouts(ds, run_dir, cfg.device, acc.print))
+            if dropped:
+                acc.print(f"training on {len(ds):,} images ({dropped:,} without a layout)")
     images, labels, layouts = ds.images.to(device), ds.labels.to(device), ds.layouts.to(device)
     n_images = len(ds)
     del ds
@@ -644,6 +647,27 @@ def train(cfg):
         plot_loss(run_dir)
     acc.wait_for_everyone()
     return run_dir
+
+
+def find_layouts(ds, run_dir, device, say=print):
+    """The layout file of a dataset's images (docs/layouts.md): the one beside the images; for
+    the project's renders, the renderer's placement; for other images (the lab's), estimated
+    from the images themselves (estimate_layouts.py) and cached in the run folder."""
+    beside = layout_path(ds.root, ds.spec_path)
+    spec = load_spec(ds.spec_path)
+    if beside.is_file():
+        return beside
+    if all(is_synthetic_name(n) for n in spec):
+        return render.ensure_layouts(spec, ds.spec_path, ds.root, device=device)
+    cached = run_dir / beside.name
+    if not cached.is_file():
+        layouts, skipped, moved = estimate_layouts.estimate(ds.images, spec, ds.names)
+        if len(skipped) == len(spec):
+            raise DataError(f"{_rel(ds.spec_path)}: no image could be placed by "
+                            f"estimate_layouts.py (first: {next(iter(skipped.values()))})")
+        estimate_layouts.write_estimate(cached, layouts, skipped)
+        say(f"{estimate_layouts.summary(len(spec), skipped, moved)}; wrote {_rel(cached)}")
+    return cached
 
 
 def _conditioning(cfg, ckpt):

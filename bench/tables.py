@@ -1,5 +1,5 @@
-"""Print README's result tables (markdown) from the files under results/, so that every number
-in README comes from a results file and none is typed by hand.
+"""Print the result tables of README and docs/ (markdown) from the files under results/, so
+that every number in them comes from a results file and none is typed by hand.
 
     python bench/tables.py            # the tables
     python bench/tables.py --plot     # also results/ablation-curves.png (the learning curves)
@@ -93,6 +93,23 @@ def fidelity_table():
         for name, v in r["rows"].items():
             row(name, f"{v['layout_fidelity']:.4f}", f"{v['judge_accuracy']:.4f}",
                 f"`results/{path.name}`")
+        print()
+
+
+def layout_estimate_table():
+    """bench/bench_layout_estimate.py: layouts from images alone against the true ones
+    (docs/layouts.md)."""
+    for path in sorted(RESULTS.glob("layout-estimate-*.json")):
+        r = json.loads(path.read_text())
+        print(f"### Layouts estimated from images alone (`bench/bench_layout_estimate.py`), "
+              f"{r['scenes']} scenes x {r['objects_per_scene']} steps\n")
+        row("camera between steps", "images", "images skipped", "objects within 2 px",
+            "within 1 px", "mean error (px)", "size error", "file")
+        row(*["---"] * 8)
+        for x in r["rows"]:
+            row(x["camera"], x["images"], x["images_skipped"], f"{x['within_2px']:.3f}",
+                f"{x['within_1px']:.3f}", f"{x['mean_error_px']:.2f}",
+                f"{100 * x['size_error']:.0f}%", f"`results/{path.name}`")
         print()
 
 
@@ -324,6 +341,7 @@ if __name__ == "__main__":
     speedrun_table()
     compare_table()
     fidelity_table()
+    layout_estimate_table()
     ablation_table()
     guidance_table()
     judge_table()

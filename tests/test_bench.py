@@ -127,12 +127,13 @@ def test_cpu_sample_bench_untrained_weights_load_like_shipped_ones(tmp_path):
 
 
 def test_readme_tables_are_the_ones_tables_py_prints():
-    """README's tables are pasted from `python bench/tables.py`; after new results land, paste
-    them again (this fails until then)."""
+    """The tables of README and docs/ are pasted from `python bench/tables.py`; after new
+    results land, paste them again (this fails until then)."""
     p = subprocess.run([sys.executable, str(ROOT / "bench" / "tables.py")], capture_output=True,
                        text=True, timeout=120)
     assert p.returncode == 0, p.stderr
-    readme = (ROOT / "README.md").read_text()
+    readme = "\n".join(p.read_text() for p in [ROOT / "README.md",
+                                                *sorted((ROOT / "docs").glob("*.md"))])
     tables_ = [t.strip() for t in p.stdout.split("\n\n") if t.startswith("| ")]
     assert len(tables_) >= 6
     stale = [t.splitlines()[0] for t in tables_ if t not in readme]

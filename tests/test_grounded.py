@@ -198,16 +198,18 @@ def test_grounded_model_trains_resumes_and_samples(renders, tmp_path):
         assert np.abs(got.astype(int) - want[i].numpy().astype(int)).max() <= 1
 
 
-def test_positions_need_a_grounded_model_and_real_images_need_layouts(tmp_path):
+def test_positions_need_a_grounded_model_and_images_nothing_can_be_placed_on_stop(tmp_path):
     torch.manual_seed(0)
     m = build_model("tiny")
     with pytest.raises(DataError, match=r"object positions need a grounded model"):
         generate(m, torch.zeros(1, 24), layouts=torch.zeros(1, 1, 5), steps=1,
                  scheduler_config=__import__("model").make_noise_scheduler().config)
-    # the lab's images come without positions: a one-line error names the missing file
+    # the lab's images come without positions; where none shows its object, one line says so
     Image.new("RGB", (64, 64)).save(tmp_path / "CLEVR_train_000001_0.png")
     (tmp_path / "train.json").write_text(json.dumps({"CLEVR_train_000001_0.png": ["red cube"]}))
     p = run("train.py", *TINY, "--data-root", tmp_path, "--train-json", tmp_path / "train.json",
             "--runs-dir", tmp_path / "runs", "--max-steps", 1, cwd=tmp_path, expect=2)
     assert p.stderr.strip().splitlines()[-1].startswith("error: ")
-    assert "train_layouts.json: no layout file for the images of" in p.stderr
+    assert p.stderr.strip().splitlines()[-1] == (
+        f"error: {tmp_path / 'train.json'}: no image could be placed by estimate_layouts.py "
+        "(first: no one-object image shows one of its colors)")
