@@ -278,24 +278,13 @@ def missing_images(root, names):
     return [n for n in names if not (root / n).is_file()]
 
 
-def ensure_images(root, spec, spec_path, device="auto"):
-    """Make sure every image of a spec exists under root.
-
-    Missing synthetic images (the project's own names) are rendered; missing real ones (the
-    lab's names) are only reported, since nothing can be downloaded.
-    """
+def check_images(root, spec, spec_path):
+    """Every image of a spec must exist under root; one line names how many do not (missing
+    synthetic ones are rendered beforehand by render.ensure_images)."""
     missing = missing_images(root, list(spec))
-    if not missing:
-        return
-    if all(is_synthetic_name(n) for n in missing):
-        import render  # imported here: users of the lab's data never need the renderer
-
-        print(f"rendering {len(missing)} missing images of {_rel(spec_path)} into {_rel(root)}")
-        render.render_spec({n: spec[n] for n in missing}, root, device=device)
-        return
-    first = ", ".join(missing[:3])
-    raise DataError(f"{_rel(spec_path)}: {len(missing)} of {len(spec)} images are missing "
-                    f"under {_rel(root)} (first: {first})")
+    if missing:
+        raise DataError(f"{_rel(spec_path)}: {len(missing)} of {len(spec)} images are missing "
+                        f"under {_rel(root)} (first: {', '.join(missing[:3])})")
 
 
 def load_image(path, size=IMAGE_SIZE):
@@ -340,8 +329,8 @@ def foreground_masks(images, window=21, threshold=10, grow=1, chunk=256):
     median over more than twice an object's size (a row pass, then a column pass) is the image
     without its objects. Pixels that differ from it by more than threshold (of 255) on any
     channel, grown by grow px, are objects, with a thin margin and the odd specular highlight:
-    about 3% of a 1-object image, 8% of a 3-object one (the synthetic set). Needs no labels
-    and no renderer, so the lab's real images work too.
+    a few percent of an image. Needs no labels and no renderer, so the lab's real images work
+    too.
     """
     out = []
     for x in images.split(chunk):
@@ -363,17 +352,10 @@ class ICLEVRDataset(Dataset):
     """
 
     def __init__(self, root=DATA_ROOT, spec_path=TRAIN_JSON, in_memory=False, size=IMAGE_SIZE,
-                 render_missing=True, device="auto", layouts=False):
+                 layouts=False):
         self.root, self.spec_path, self.size = Path(root), Path(spec_path), size
         spec = load_spec(self.spec_path)
-        if render_missing:
-            ensure_images(self.root, spec, self.spec_path, device=device)
-        else:
-            missing = missing_images(self.root, list(spec))
-            if missing:
-                raise DataError(f"{_rel(self.spec_path)}: {len(missing)} of {len(spec)} images "
-                                f"are missing under {_rel(self.root)} (first: "
-                                f"{', '.join(missing[:3])})")
+        check_images(self.root, spec, self.spec_path)
         self.names = list(spec)
         self.labels = encode_batch([spec[n] for n in self.names], _rel(self.spec_path))
         self.layouts = torch.zeros(len(spec), 0, 5)  # (N, K, 5) once a layout file is attached

@@ -258,7 +258,7 @@ def write_estimate(path, layouts, skipped, size=dataloader.IMAGE_SIZE):
 def estimate_file(root, spec_path, out=None):
     """Estimate the layouts of a spec's images under root and write them to out (default: the
     layout file beside the images) -> (path, summary line)."""
-    ds = dataloader.ICLEVRDataset(root, spec_path, in_memory=True, render_missing=False)
+    ds = dataloader.ICLEVRDataset(root, spec_path, in_memory=True)
     spec = dataloader.load_spec(spec_path)
     layouts, skipped, moved = estimate(ds.images, spec, ds.names)
     if len(skipped) == len(spec):

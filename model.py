@@ -79,8 +79,8 @@ PRESETS = {
     "fast": dict(conditioning="embed", pixel_shuffle=4, block_out_channels=(128, 160, 192),
                  down_block_types=(_AD, _AD, _AD), up_block_types=(_AU, _AU, _AU),
                  layers_per_block=2, attention_head_dim=32, time_embedding_dim=256),
-    # xattn at 4x4 space-to-depth: the two gains of the 2-minute H200 ablations together (xattn
-    # +0.31, fast +0.09 and 2x the images/s: results/speedrun-h200-short-*.json). Cross-attention
+    # xattn at 4x4 space-to-depth: the two gains of the short GPU ablations together
+    # (results/speedrun-h200-short-*.json, README's ablation table). Cross-attention
     # at 16x16 (objects 1-2 tokens wide), 8x8 and 4x4: 19.6M params, 3.3 GFLOP/img (xattn/2.7).
     "xfast": dict(conditioning="xattn", pixel_shuffle=4, block_out_channels=(128, 160, 160),
                   down_block_types=(_XD, _XD, _XD), up_block_types=(_XU, _XU, _XU),

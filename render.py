@@ -629,6 +629,18 @@ def render_spec(spec, out_dir, seed=0, device="auto", batch_size=None, progress=
     return len(todo)
 
 
+def ensure_images(root, spec, spec_path, device="auto"):
+    """Render the missing images of a spec under root when they are the project's own
+    (synthetic names); missing real ones (the lab's) are only reported, since nothing can be
+    downloaded."""
+    missing = dataloader.missing_images(root, list(spec))
+    if missing and all(dataloader.is_synthetic_name(n) for n in missing):
+        print(f"rendering {len(missing)} missing images of {dataloader._rel(spec_path)} into "
+              f"{dataloader._rel(root)}")
+        render_spec({n: spec[n] for n in missing}, root, device=device)
+    dataloader.check_images(root, spec, spec_path)
+
+
 def ensure_layouts(spec, spec_path, root, seed=0, device="auto"):
     """The layout file of a spec's images under root; written from the renderer's placement
     (no shading) when missing and the images are the project's own renders."""

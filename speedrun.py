@@ -33,8 +33,8 @@ ROOT = dl.ROOT
 RECIPE = ["--preset", "xattn", "--batch-size", "256", "--lr", "5e-4", "--lr-by-time",
           "--max-steps", "1000000", "--warmup-steps", "300", "--log-every", "200",
           "--save-every", "2000"]
-# On a GPU the whole step is one CUDA graph: 3875 against 2616 images/s at batch 256 on an H200,
-# with the same losses (results/train-variants-default-h200-graph.json). --no-cuda-graph undoes it.
+# On a GPU the whole step is one CUDA graph: more images/s with the same losses
+# (results/train-variants-default-h200-graph.json). --no-cuda-graph undoes it.
 GPU_RECIPE = ["--cuda-graph"]
 # On a CPU (python speedrun.py --device cpu): the grounded model (docs/grounded.md) in bf16
 # autocast, which this project's CPUs run in hardware, at a batch small enough for thousands of
@@ -106,69 +106,69 @@ def synchronize(device):
         torch.cuda.synchronize(device)
 
 
-def main(argv=None):
-    args, train_argv = parse_args(argv)
-    import evaluate
-    import sample
-    import train
-    from evaluator import by_objects, by_objects_text, evaluation_model, miss_kinds, per_image
+class Phases(dict):
+    """Wall seconds per stage, each timed from the previous lap: what a GPU call must fit."""
 
-    device = dl.resolve_device(args.device)
-    dev = dl.device_tag(device)
-    cpu = device.type == "cpu"
-    minutes = args.minutes or (2.0 if args.short else 40.0 if cpu else 10.0)
-    grid = args.guidance_grid or (CPU_SAMPLING["guidance_grid"] if cpu else [1, 2, 3, 4, 5])
-    n_val = args.val_conditions or (CPU_SAMPLING["val_conditions"] if cpu else 256)
-    run_name = args.run_name or f"speedrun-{dev}{'-short' if args.short else ''}{args.tag}"
-    command = dl.command_line()
-    result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else dev,
-              "command": command, "versions": versions(), "budget_minutes": minutes}
-    results_dir = Path(args.results_dir)
-    path = results_dir / f"speedrun-{dev}{'-short' if args.short else ''}{args.tag}.json"
+    def __init__(self):
+        super().__init__()
+        self.t = time.time()
 
-    phases = result["phase_seconds"] = {}  # wall seconds per stage: what a GPU call must fit
-    clock = [time.time()]
-
-    def lap(name):
+    def lap(self, name):
         now = time.time()
-        phases[name] = round(now - clock[0], 1)
-        clock[0] = now
+        self[name] = round(now - self.t, 1)
+        self.t = now
 
-    def save():  # after every stage, so a run cut short keeps what it measured
-        result["written_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        dl.write_json(path, result)
+
+def save(path, result):
+    """After every stage, so a run cut short keeps what it measured."""
+    result["written_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    dl.write_json(path, result)
+
+
+def load_judge(checkpoint, device):
+    """The judge, or None (one warning line): a run without one still trains and ships."""
+    from evaluator import evaluation_model
 
     try:
-        judge = evaluation_model(checkpoint=args.judge, device=device)
-    except dl.DataError as e:  # still worth training (and shipping); score later
+        return evaluation_model(checkpoint=checkpoint, device=device)
+    except dl.DataError as e:
         print(f"warning: no judge ({e}); training only, score later with evaluate.py")
-        judge = None
-    lap("judge")
+        return None
 
-    # 1. The training set, train.py's --data-root and --train-json (the synthetic default),
-    #    rendered on the device when missing.
-    cfg = train.parse_args(train_flags(run_name, minutes, args.device, train_argv))
+
+def data_stage(cfg, device):
+    """The training set (train.py's --data-root and --train-json), rendered when missing."""
+    import render
+
     spec_path = dl.repo_path(cfg.train_json)
-    dl.ensure_images(dl.repo_path(cfg.data_root), dl.load_spec(spec_path), spec_path,
-                     device=str(device))
-    lap("data")  # phase_seconds["data"]: older results files call it data_seconds
+    render.ensure_images(dl.repo_path(cfg.data_root), dl.load_spec(spec_path), spec_path,
+                         device=str(device))
 
-    # 2. Train for the budget. Extra flags pass through to train.py.
+
+def train_stage(cfg, device):
+    """Train for the budget -> (run folder, its part of the results)."""
+    import train
+
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.time()
     run_dir = Path(train.train(cfg))
-    train_seconds = time.time() - t0
+    return run_dir, training_results(run_dir, cfg, time.time() - t0, device)
+
+
+def training_results(run_dir, cfg, wall_seconds, device):
+    """What a run's log.jsonl and config.json say about its training."""
     log = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
     steps = max(r["step"] for r in log if "step" in r)
     speeds = [r["images_per_s"] for r in log if "images_per_s" in r][1:]  # after warm-up
     end = [r for r in log if r.get("event") == "end"][-1]
     loop_s = end["elapsed_s"]
-    result.update(
+    part = dict(
         run_dir=str(run_dir.relative_to(ROOT)) if run_dir.is_relative_to(ROOT) else str(run_dir),
         train_config=json.loads((run_dir / "config.json").read_text()),
-        train_minutes=round(loop_s / 60, 2), train_wall_minutes_incl_setup=round(
-            train_seconds / 60, 2), steps=steps, images_seen=steps * cfg.batch_size,
+        train_minutes=round(loop_s / 60, 2),
+        train_wall_minutes_incl_setup=round(wall_seconds / 60, 2), steps=steps,
+        images_seen=steps * cfg.batch_size,
         train_images_per_s=round(float(np.median(speeds)) if speeds else
                                  steps * cfg.batch_size / loop_s, 1),
         cuda_graph_replayed=end.get("cuda_graph_replayed"),
@@ -179,57 +179,58 @@ def main(argv=None):
                         for r in log if "eval_val_acc" in r],  # train.py --eval-every
         peak_gpu_memory_gb=(round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
                             if device.type == "cuda" else None))
-    print(f"trained {steps} steps in {loop_s / 60:.2f} min ({result['train_images_per_s']} img/s)")
+    print(f"trained {steps} steps in {loop_s / 60:.2f} min ({part['train_images_per_s']} img/s)")
+    return part
 
-    ckpt = sample.latest_checkpoint(run_dir)
-    if args.ship:  # before scoring, so the weights survive whatever happens next
-        import model as model_lib
 
-        model_lib.export_fp16(ckpt, ROOT / "weights" / "ddpm")
-    lap("train")  # with its setup, its --eval-every evaluations and the last checkpoint
-    save()
-    if judge is None:
-        return result
-    net, sched_cfg = sample.load_model(ckpt, device, ema=True)
-    batch = 512 if device.type == "cuda" else 64  # a whole condition file in one batch on a GPU
+class Sampler:
+    """The final EMA checkpoint, sampling condition lists into what a PNG holds."""
 
-    def generate(conds, seed, guidance, sampler=args.sampler, steps=args.steps):
+    def __init__(self, ckpt, device, sampler, steps):
+        import sample
+
+        self.net, self.sched_cfg = sample.load_model(ckpt, device, ema=True)
+        self.device, self.sampler, self.steps = device, sampler, steps
+        self.batch = 512 if device.type == "cuda" else 64  # a whole file in one batch on a GPU
+
+    def __call__(self, conds, seed, guidance, sampler=None, steps=None):
+        """-> (images in [-1, 1] quantised to uint8 levels, labels, seconds)."""
+        import sample
+
         labels = dl.encode_batch(conds)
-        synchronize(device)
+        synchronize(self.device)
         t = time.time()
-        images = sample.generate(net, labels, sampler=sampler, steps=steps, guidance=guidance,
-                                 seed=seed, device=device, scheduler_config=sched_cfg,
-                                 batch_size=batch, progress=False)
-        synchronize(device)
-        # Score exactly what a PNG holds: quantise to uint8 first.
+        images = sample.generate(self.net, labels, sampler=sampler or self.sampler,
+                                 steps=steps or self.steps, guidance=guidance, seed=seed,
+                                 device=self.device, scheduler_config=self.sched_cfg,
+                                 batch_size=self.batch, progress=False)
+        synchronize(self.device)
         return dl.to_float(dl.to_uint8(images.float().cpu())), labels, time.time() - t
 
-    # 3. Guidance scale from validation conditions (seed 10**6, disjoint from the benchmark seeds).
-    if args.guidance == "auto":
-        val = dl.validation_conditions(n_val)
-        sweep = {}
-        for g in grid:
-            images, labels, _ = generate(val, 10**6, g)
-            sweep[g] = judge.eval(images, labels)
-            print(f"validation guidance {g}: accuracy {sweep[g]:.4f}")
-        guidance = max(sweep, key=lambda g: (round(sweep[g], 4), -g))
-        result["guidance_sweep_validation"] = {str(g): round(a, 4) for g, a in sweep.items()}
-    else:
-        guidance = float(args.guidance)
-    result.update(sampler=args.sampler, sampler_steps=args.steps, guidance=guidance)
-    lap("guidance_sweep")
-    if args.ship:  # sample.py's defaults for the shipped weights: what they were scored with,
-        # and the results file that scored them (bench_cpu_sample.py checks against it)
-        dl.write_json(ROOT / "weights" / "ddpm" / sample.SAMPLE_CONFIG,
-                      {"sampler": args.sampler, "steps": args.steps, "guidance": guidance,
-                       "speedrun": dl.portable_path(path)})
 
-    # 4. Five seeds x both benchmark files, from the one final EMA checkpoint.
-    files = {p.stem: dl.load_conditions(p) for p in dl.TEST_JSONS}
+def guidance_stage(generate, judge, grid, n_val):
+    """The guidance scale of grid that scores best on n_val validation conditions (seed 10**6,
+    disjoint from the benchmark seeds; the smaller scale on a tie) -> (scale, results part)."""
+    val = dl.validation_conditions(n_val)
+    sweep = {}
+    for g in grid:
+        images, labels, _ = generate(val, 10**6, g)
+        sweep[g] = judge.eval(images, labels)
+        print(f"validation guidance {g}: accuracy {sweep[g]:.4f}")
+    guidance = max(sweep, key=lambda g: (round(sweep[g], 4), -g))
+    return guidance, {"guidance_sweep_validation": {str(g): round(a, 4)
+                                                    for g, a in sweep.items()}}
+
+
+def seeds_stage(generate, judge, files, seeds, guidance):
+    """Every seed x both benchmark files from the one checkpoint -> (results part, the images
+    of each file, all seeds)."""
+    from evaluator import by_objects, by_objects_text, miss_kinds, per_image
+
     acc = {k: [] for k in files}
     rows = {k: [] for k in files}  # per-image judgements, all seeds
     seconds, generated = [], {k: [] for k in files}
-    for seed in args.seeds:
+    for seed in seeds:
         t_seed = 0.0
         for name, conds in files.items():
             images, labels, dt = generate(conds, seed, guidance)
@@ -241,58 +242,63 @@ def main(argv=None):
         seconds.append(round(t_seed, 3))
         print(f"seed {seed}: " + "  ".join(f"{k} {v[-1]:.4f}" for k, v in acc.items())
               + f"  (sampled both files in {t_seed:.2f} s)")
-    result["accuracy"] = acc
-    result["accuracy_mean"] = {k: round(float(np.mean(v)), 4) for k, v in acc.items()}
-    result["accuracy_std"] = {k: round(float(np.std(v)), 4) for k, v in acc.items()}
-    result["sampling_seconds_both_files"] = seconds
     misses = {k: miss_kinds(v) for k, v in rows.items()}  # what the missed objects became
-    result["misses_all_seeds"] = misses
-    result["accuracy_by_objects_all_seeds"] = {k: by_objects(v) for k, v in rows.items()}
+    part = {"accuracy": acc,
+            "accuracy_mean": {k: round(float(np.mean(v)), 4) for k, v in acc.items()},
+            "accuracy_std": {k: round(float(np.std(v)), 4) for k, v in acc.items()},
+            "sampling_seconds_both_files": seconds, "misses_all_seeds": misses,
+            "accuracy_by_objects_all_seeds": {k: by_objects(v) for k, v in rows.items()}}
     print("missed objects, all seeds (wrong shape / wrong color / neither; images with too many "
           "/ too few objects): " + "  ".join(
               f"{k} {m['wrong_shape']}/{m['wrong_color']}/{m['neither']}; "
               f"{m['more_objects']}/{m['fewer_objects']}" for k, m in misses.items()))
     print("accuracy by number of objects, all seeds: " + "  ".join(
-        f"{k} {by_objects_text(b, 4)}" for k, b in result["accuracy_by_objects_all_seeds"].items()))
-    lap("seeds")
-    save()
-    # FD of all seeds' images of a file against evaluate.py's fixed renders of that file
-    result["fd"] = {k: round(evaluate.fd_against_renders(judge, torch.cat(v), files[k]), 3)
-                    for k, v in generated.items()}
-    # ... and what as many renders of another seed score: the FD of a perfect generator
-    result["fd_floor"] = {k: round(evaluate.fd_floor(judge, files[k], len(args.seeds)), 3)
-                          for k in files}
-    lap("fd")
+        f"{k} {by_objects_text(b, 4)}" for k, b in part["accuracy_by_objects_all_seeds"].items()))
+    return part, generated
 
-    # 5. Seed 0 written by sample.py itself (PNGs, grids, denoising strip) and scored from disk,
-    #    the same path as `python sample.py && python evaluate.py`.
-    out = ROOT / "results" / f"speedrun-{dev}{args.tag}" if args.ship else run_dir / "images"
+
+def fd_stage(judge, generated, files, n_seeds):
+    """FD of all seeds' images of a file against evaluate.py's fixed renders of that file, and
+    that of as many renders of another seed (a perfect generator's FD)."""
+    import evaluate
+
+    return {"fd": {k: round(evaluate.fd_against_renders(judge, torch.cat(v), files[k]), 3)
+                   for k, v in generated.items()},
+            "fd_floor": {k: round(evaluate.fd_floor(judge, files[k], n_seeds), 3)
+                         for k in files}}
+
+
+def seed0_stage(judge, ckpt, out, args, guidance):
+    """Seed 0 written by sample.py itself (PNGs, grids, denoising strip) and scored from disk:
+    the path of `python sample.py && python evaluate.py`."""
+    import evaluate
+    import sample
+
     sample.main(["--checkpoint", str(ckpt), "--out", str(out), "--sampler", args.sampler,
                  "--steps", str(args.steps), "--guidance", str(guidance), "--seed", "0",
                  "--device", str(args.device)])
-    result["seed0_from_png"] = {p.stem: evaluate.score_folder(judge, out / p.stem, p)["accuracy"]
-                                for p in dl.TEST_JSONS}
-    result["images"] = str(out.relative_to(ROOT)) if out.is_relative_to(ROOT) else str(out)
-    lap("seed0_pngs")
-    save()
+    return {"seed0_from_png": {p.stem: evaluate.score_folder(judge, out / p.stem, p)["accuracy"]
+                               for p in dl.TEST_JSONS},
+            "images": str(out.relative_to(ROOT)) if out.is_relative_to(ROOT) else str(out)}
 
-    # 6. Ablation row: the seed report's sampler, 1000-step DDPM without guidance. Both files in
-    #    one batch: 1000 small steps are launch-bound, so this halves the time (new_test's
-    #    images get the noise of indices 32-63 of seed 0).
-    if args.ddpm_baseline:
-        both = [c for conds in files.values() for c in conds]
-        images, labels, dt = generate(both, 0, 1.0, sampler="ddpm", steps=args.ddpm_baseline)
-        row, start = {}, 0
-        for name, conds in files.items():
-            part = slice(start, start + len(conds))
-            row[name] = round(judge.eval(images[part], labels[part]), 4)
-            start += len(conds)
-        result["ddpm1000_no_guidance_seed0"] = {**row, "steps": args.ddpm_baseline,
-                                                "seconds_both_files": round(dt, 2)}
-        lap("ddpm")
 
-    save()
-    print(f"\n| file | accuracy mean +- std over {len(args.seeds)} seeds | FD | FD of renders |")
+def ddpm_stage(generate, judge, files, steps):
+    """The seed report's sampler, DDPM without guidance, seed 0. Both files in one batch: small
+    steps are launch-bound, so this halves the time (new_test's images get the noise of the
+    indices after test's)."""
+    both = [c for conds in files.values() for c in conds]
+    images, labels, dt = generate(both, 0, 1.0, sampler="ddpm", steps=steps)
+    row, start = {}, 0
+    for name, conds in files.items():
+        part = slice(start, start + len(conds))
+        row[name] = round(judge.eval(images[part], labels[part]), 4)
+        start += len(conds)
+    return {"ddpm1000_no_guidance_seed0": {**row, "steps": steps,
+                                           "seconds_both_files": round(dt, 2)}}
+
+
+def print_summary(result, files, n_seeds, path):
+    print(f"\n| file | accuracy mean +- std over {n_seeds} seeds | FD | FD of renders |")
     print("|---|---|---|---|")
     for k in files:
         print(f"| {k}.json | {result['accuracy_mean'][k]:.4f} +- {result['accuracy_std'][k]:.4f} "
@@ -300,6 +306,72 @@ def main(argv=None):
     means = result["accuracy_mean"].values()
     print(f"mean of the files' means: {sum(means) / len(means):.4f}")  # what ablations compare
     print(f"wrote {path}")
+
+
+def main(argv=None):
+    args, train_argv = parse_args(argv)
+    import sample
+    import train
+
+    device = dl.resolve_device(args.device)
+    dev, cpu = dl.device_tag(device), device.type == "cpu"
+    minutes = args.minutes or (2.0 if args.short else 40.0 if cpu else 10.0)
+    grid = args.guidance_grid or (CPU_SAMPLING["guidance_grid"] if cpu else [1, 2, 3, 4, 5])
+    n_val = args.val_conditions or (CPU_SAMPLING["val_conditions"] if cpu else 256)
+    name = f"speedrun-{dev}{'-short' if args.short else ''}{args.tag}"
+    path = Path(args.results_dir) / f"{name}.json"
+    phases = Phases()
+    result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else dev,
+              "command": dl.command_line(), "versions": versions(), "budget_minutes": minutes,
+              "phase_seconds": phases}
+    judge = load_judge(args.judge, device)
+    phases.lap("judge")
+
+    cfg = train.parse_args(train_flags(args.run_name or name, minutes, args.device, train_argv))
+    data_stage(cfg, device)
+    phases.lap("data")
+    run_dir, part = train_stage(cfg, device)
+    result.update(part)
+    ckpt = sample.latest_checkpoint(run_dir)
+    if args.ship:  # before scoring, so the weights survive whatever happens next
+        import model as model_lib
+
+        model_lib.export_fp16(ckpt, ROOT / "weights" / "ddpm")
+    phases.lap("train")  # with its set-up, its --eval-every evaluations and the last checkpoint
+    save(path, result)
+    if judge is None:
+        return result
+
+    generate = Sampler(ckpt, device, args.sampler, args.steps)
+    guidance = float(args.guidance) if args.guidance != "auto" else None
+    if guidance is None:
+        guidance, part = guidance_stage(generate, judge, grid, n_val)
+        result.update(part)
+    result.update(sampler=args.sampler, sampler_steps=args.steps, guidance=guidance)
+    phases.lap("guidance_sweep")
+    if args.ship:  # sample.py's defaults for the shipped weights: what they were scored with,
+        # and the results file that scored them (bench_cpu_sample.py checks against it)
+        dl.write_json(ROOT / "weights" / "ddpm" / sample.SAMPLE_CONFIG,
+                      {"sampler": args.sampler, "steps": args.steps, "guidance": guidance,
+                       "speedrun": dl.portable_path(path)})
+
+    files = {p.stem: dl.load_conditions(p) for p in dl.TEST_JSONS}
+    part, generated = seeds_stage(generate, judge, files, args.seeds, guidance)
+    result.update(part)
+    phases.lap("seeds")
+    save(path, result)
+    result.update(fd_stage(judge, generated, files, len(args.seeds)))
+    phases.lap("fd")
+
+    out = ROOT / "results" / f"speedrun-{dev}{args.tag}" if args.ship else run_dir / "images"
+    result.update(seed0_stage(judge, ckpt, out, args, guidance))
+    phases.lap("seed0_pngs")
+    save(path, result)
+    if args.ddpm_baseline:  # the ablation table's row: the seed report's sampler
+        result.update(ddpm_stage(generate, judge, files, args.ddpm_baseline))
+        phases.lap("ddpm")
+    save(path, result)
+    print_summary(result, files, len(args.seeds), path)
     return result
 
 

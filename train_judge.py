@@ -1,7 +1,7 @@
 """Train the judge: the lab's ResNet18 classifier, on synthetic renders with 1 to 5 objects.
 
-Sized for the lead's one GPU job (~100-150 s in all on one H100/H200), so everything stays on
-the device: scenes are rendered straight into memory with render.render_tensor (PNG is lossless,
+Sized for one short GPU job (results/judge-h200.json says how long it took), so everything
+stays on the device: scenes are rendered straight into memory with render.render_tensor (PNG is lossless,
 so these are the pixels a PNG round-trip would give), augmented in batches and fed to a
 channels_last, bf16-autocast ResNet18. --max-minutes bounds the training loop: the LR schedule
 follows max(step / steps, elapsed / budget), so it anneals to zero however fast the card is.
@@ -15,12 +15,11 @@ early; either way the weights are still saved and scored.
 Writes weights/judge/ (fp16 shards + judge.json with the held-out metrics), results/
 judge-<device>.json and a JSONL log; prints a table of held-out accuracy by the lab's rule.
 """
-import argparse
 import json
 import math
 import platform
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -29,6 +28,7 @@ import torchvision
 from torchvision.transforms.v2.functional import gaussian_blur
 
 import dataloader
+from flags import config_from_flags, option
 from dataloader import (ROOT, DataError, command_line, device_tag, resolve_device, speed_up_cuda,
                         to_float)
 from evaluate import reference_renders
@@ -40,53 +40,42 @@ RESERVE_S = 15  # of the deadline, kept for saving, scoring the held-out set and
 
 @dataclass
 class Config:
-    train_scenes: int = field(default=20000, metadata={"help": "training scenes; x5 images "
-                                                               "(the first 1..5 objects of each)"})
-    val_scenes: int = field(default=2000, metadata={"help": "held-out scenes (x5 images)"})
-    bench_renders: int = field(default=16, metadata={
-        "help": "also score this many renders of each benchmark condition (evaluate.py's FD "
-                "reference renders; 0: skip)"})
-    epochs: float = field(default=30.0, metadata={
-        "help": "passes over the training images (on a GPU --max-minutes usually ends it first)"})
-    steps: int = field(default=0, metadata={"help": "optimizer steps (> 0 overrides --epochs)"})
-    max_minutes: float = field(default=1.4, metadata={"help": "time bound of the training loop"})
-    deadline_minutes: float = field(default=1.9, metadata={
-        "help": "the whole run (rendering, training, scoring; not the ~5 s of imports) ends by "
-                "then: training is cut short if rendering was slow (0: no deadline)"})
-    batch_size: int = field(default=512, metadata={"help": "images per optimizer step"})
-    lr: float = field(default=2e-3, metadata={"help": "AdamW peak learning rate"})
-    weight_decay: float = field(default=0.05, metadata={"help": "AdamW decay of the weights "
-                                                                "(not of biases and norms)"})
-    warmup: float = field(default=0.05, metadata={"help": "fraction of training spent warming up"})
-    shift: int = field(default=2, metadata={"help": "max translation in pixels (pad + crop)"})
-    flip: float = field(default=0.5, metadata={"help": "probability of a horizontal flip"})
-    blur: float = field(default=0.3, metadata={
-        "help": "probability of a mild blur: half gaussian, half 2x down-up resampling"})
-    noise: float = field(default=0.05, metadata={
-        "help": "max std of the gaussian noise added to half the images ([-1, 1] units)"})
-    seed: int = field(default=0, metadata={"help": "model init, data order and augmentation"})
-    data_seed: int = field(default=1001, metadata={
-        "help": "training scenes (kept apart from the generator's training set)"})
-    val_seed: int = field(default=2002, metadata={"help": "held-out scenes"})
-    device: str = field(default="auto", metadata={"help": "auto (cuda, mps, cpu) or a torch "
-                                                          "device"})
-    precision: str = field(default="auto", metadata={
-        "help": "auto (bf16 autocast on cuda, else fp32), bf16 or fp32"})
-    out: str = field(default=str(ROOT / "weights" / "judge"), metadata={"help": "weights folder"})
-    results: str = field(default="", metadata={"help": "metrics file; empty: results/"
-                                                       "judge-<gpu or device type>.json"})
-    log: str = field(default=str(ROOT / "runs" / "judge" / "log.jsonl"),
-                     metadata={"help": "JSONL log, one record per status line"})
-    log_every: int = field(default=100, metadata={"help": "steps between status lines"})
+    train_scenes: int = option(20000, "training scenes; x5 images (the first 1..5 objects of each)")
+    val_scenes: int = option(2000, "held-out scenes (x5 images)")
+    bench_renders: int = option(16, "also score this many renders of each benchmark condition "
+                                    "(evaluate.py's FD reference renders; 0: skip)")
+    epochs: float = option(30.0, "passes over the training images (on a GPU --max-minutes "
+                                 "usually ends it first)")
+    steps: int = option(0, "optimizer steps (> 0 overrides --epochs)")
+    max_minutes: float = option(1.4, "time bound of the training loop")
+    deadline_minutes: float = option(1.9, "the whole run (rendering, training, scoring; not the "
+                                          "imports) ends by then: training is cut short if "
+                                          "rendering was slow (0: no deadline)")
+    batch_size: int = option(512, "images per optimizer step")
+    lr: float = option(2e-3, "AdamW peak learning rate")
+    weight_decay: float = option(0.05, "AdamW decay of the weights (not of biases and norms)")
+    warmup: float = option(0.05, "fraction of training spent warming up")
+    shift: int = option(2, "max translation in pixels (pad + crop)")
+    flip: float = option(0.5, "probability of a horizontal flip")
+    blur: float = option(0.3, "probability of a mild blur: half gaussian, half 2x down-up "
+                              "resampling")
+    noise: float = option(0.05, "max std of the gaussian noise added to half the images "
+                                "([-1, 1] units)")
+    seed: int = option(0, "model init, data order and augmentation")
+    data_seed: int = option(1001, "training scenes (kept apart from the generator's training "
+                                  "set)")
+    val_seed: int = option(2002, "held-out scenes")
+    device: str = option("auto", "auto (cuda, mps, cpu) or a torch device")
+    precision: str = option("auto", "auto (bf16 autocast on cuda, else fp32), bf16 or fp32")
+    out: str = option(str(ROOT / "weights" / "judge"), "weights folder")
+    results: str = option("", "metrics file; empty: results/judge-<gpu or device type>.json")
+    log: str = option(str(ROOT / "runs" / "judge" / "log.jsonl"),
+                      "JSONL log, one record per status line")
+    log_every: int = option(100, "steps between status lines")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for f in fields(Config):
-        p.add_argument("--" + f.name.replace("_", "-"), type=f.type, default=f.default,
-                       help=f.metadata["help"])
-    cfg = Config(**vars(p.parse_args(argv)))
+    cfg = config_from_flags(Config, argv, __doc__.split("\n\n")[0])
     for name in ("train_scenes", "val_scenes", "batch_size", "log_every"):
         if getattr(cfg, name) < 1:
             raise DataError(f"--{name.replace('_', '-')}: expected a positive integer")

@@ -25,7 +25,7 @@ from accelerate.state import AcceleratorState  # noqa: E402
 from dataloader import (ROOT, DataError, command_line, device_tag, resolve_device,  # noqa: E402
                         run_cli, speed_up_cuda, write_json)
 from model import build_model, flops_per_image, make_noise_scheduler  # noqa: E402
-from train import TrainStep  # noqa: E402
+from trainstep import TrainStep  # noqa: E402
 
 VARIANTS = {  # name: (batch size, channels_last, compile, CUDA graph[, precision, threads])
     "b256": (256, False, False, False),

@@ -1,10 +1,13 @@
-"""Print the result tables of README and docs/ (markdown) from the files under results/, so
-that every number in them comes from a results file and none is typed by hand.
+"""The result tables (markdown) from the files under results/, so that every number in README
+and docs/results.md comes from a results file and none is typed by hand.
 
-    python bench/tables.py            # the tables
+    python bench/tables.py            # print README's table and docs/results.md
+    python bench/tables.py --write    # write docs/results.md, print README's table
     python bench/tables.py --plot     # also results/ablation-curves.png (the learning curves)
 """
 import argparse
+import contextlib
+import io
 import json
 from pathlib import Path
 
@@ -111,6 +114,25 @@ def layout_estimate_table():
                 f"{x['within_1px']:.3f}", f"{x['mean_error_px']:.2f}",
                 f"{100 * x['size_error']:.0f}%", f"`results/{path.name}`")
         print()
+
+
+def headline_table():
+    """README's one table: the shipped model's speedrun (weights/ddpm/sample_config.json names
+    the results file that scored it)."""
+    shipped = json.loads((ROOT / "weights" / "ddpm" / "sample_config.json").read_text())
+    path = ROOT / shipped["speedrun"]
+    r = json.loads(path.read_text())
+    m, s = r["accuracy_mean"], r["accuracy_std"]
+    secs = r["sampling_seconds_both_files"]
+    row("shipped model", "trained on", "training", "test.json", "new_test.json",
+        "sampling both files", "file")
+    row(*["---"] * 7)
+    row(f"`{r['train_config']['preset']}` (grounded), {r['sampler']} {r['sampler_steps']}, "
+        f"guidance {r['guidance']}", "2-core CPU" if r["device"] == "cpu" else r["device"],
+        f"{r['train_minutes']:.0f} min", f"{m['test']:.4f} ± {s['test']:.4f}",
+        f"{m['new_test']:.4f} ± {s['new_test']:.4f}",
+        f"{min(secs):.0f}-{max(secs):.0f} s per seed", f"`{shipped['speedrun']}`")
+    print()
 
 
 def speedrun_table():
@@ -332,18 +354,41 @@ def plot_curves(out):
     return out
 
 
+RESULTS_MD = ROOT / "docs" / "results.md"
+RESULTS_INTRO = """# Results
+
+Every table here is written by `python bench/tables.py --write` from the files in `results/`;
+a test checks that this page is what it writes. The files name the command that made them.
+"""
+TABLES = (speedrun_table, compare_table, fidelity_table, layout_estimate_table, ablation_table,
+          guidance_table, judge_table, judge_resolution_table, speed_table)
+
+
+def captured(*functions):
+    """What the table functions print, as one string."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        for f in functions:
+            f()
+    return out.getvalue()
+
+
+def results_page():
+    """docs/results.md: every table."""
+    return RESULTS_INTRO + "\n" + captured(*TABLES).rstrip() + "\n"
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--plot", action="store_true", help="also draw the ablation learning curves")
-    if ap.parse_args().plot:
+    ap.add_argument("--write", action="store_true", help=f"write {RESULTS_MD.relative_to(ROOT)}")
+    args = ap.parse_args()
+    if args.plot:
         drawn = plot_curves(RESULTS / "ablation-curves.png")
         print(f"wrote {drawn.relative_to(ROOT)}\n" if drawn else "no learning curves yet\n")
-    speedrun_table()
-    compare_table()
-    fidelity_table()
-    layout_estimate_table()
-    ablation_table()
-    guidance_table()
-    judge_table()
-    judge_resolution_table()
-    speed_table()
+    if args.write:
+        RESULTS_MD.write_text(results_page())
+        print(f"wrote {RESULTS_MD.relative_to(ROOT)}; README's table:\n")
+        headline_table()
+    else:
+        print(captured(headline_table) + results_page())

@@ -1,4 +1,5 @@
-"""bench/: README's tables come from the results files; the wheel slimmer; the CPU bench."""
+"""bench/: the tables of README and docs/results.md come from the results files; the wheel
+slimmer; the CPU bench."""
 import json
 import subprocess
 import sys
@@ -126,15 +127,19 @@ def test_cpu_sample_bench_untrained_weights_load_like_shipped_ones(tmp_path):
     assert ref["guidance"] == sample.sample_config(ROOT / "weights" / "ddpm")["guidance"]
 
 
-def test_readme_tables_are_the_ones_tables_py_prints():
-    """The tables of README and docs/ are pasted from `python bench/tables.py`; after new
-    results land, paste them again (this fails until then)."""
+def test_results_page_and_readme_table_are_what_tables_py_writes():
+    """docs/results.md is written by `python bench/tables.py --write` and README's headline table
+    is pasted from its output; after new results land, run it again (this fails until then)."""
     p = subprocess.run([sys.executable, str(ROOT / "bench" / "tables.py")], capture_output=True,
                        text=True, timeout=120)
     assert p.returncode == 0, p.stderr
-    readme = "\n".join(p.read_text() for p in [ROOT / "README.md",
-                                                *sorted((ROOT / "docs").glob("*.md"))])
-    tables_ = [t.strip() for t in p.stdout.split("\n\n") if t.startswith("| ")]
-    assert len(tables_) >= 6
-    stale = [t.splitlines()[0] for t in tables_ if t not in readme]
-    assert not stale, f"README tables differ from bench/tables.py's: {stale}"
+    page = tables.results_page()
+    assert (ROOT / "docs" / "results.md").read_text() == page, \
+        "docs/results.md is stale: run python bench/tables.py --write"
+    assert len([t for t in page.split("\n\n") if t.startswith("| ")]) >= 8
+    headline = tables.captured(tables.headline_table).strip()
+    assert headline in (ROOT / "README.md").read_text()
+    assert p.stdout.rstrip() == (tables.captured(tables.headline_table) + page).rstrip()
+    # the headline quotes the shipped model's own results file
+    assert json.loads((ROOT / "weights" / "ddpm" / "sample_config.json").read_text())[
+        "speedrun"] in headline

@@ -128,11 +128,13 @@ def test_resume_skips_existing_files(small_spec, rendered, tmp_path):
     assert render.render_spec(small_spec, tmp_path, device="cpu", progress=False) == 0
 
 
-def test_dataloader_renders_missing_images(tmp_path):
+def test_missing_synthetic_images_are_rendered(tmp_path):
     spec = render.make_spec(2, objects=2, seed=5, prefix="SYN_dl_")
     (tmp_path / "spec.json").write_text(json.dumps(spec))
-    ds = dataloader.ICLEVRDataset(tmp_path / "imgs", tmp_path / "spec.json", in_memory=True,
-                                  device="cpu")
+    with pytest.raises(dataloader.DataError, match="4 of 4 images are missing"):
+        dataloader.ICLEVRDataset(tmp_path / "imgs", tmp_path / "spec.json")  # no renderer here
+    render.ensure_images(tmp_path / "imgs", spec, tmp_path / "spec.json", device="cpu")
+    ds = dataloader.ICLEVRDataset(tmp_path / "imgs", tmp_path / "spec.json", in_memory=True)
     assert torch.equal(ds.images, render.render_tensor(spec, device="cpu"))
     assert torch.equal(ds.labels, dataloader.encode_batch(list(spec.values())))
 
