@@ -14,6 +14,7 @@ import json
 import math
 import os
 import re
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -103,7 +104,7 @@ def check_labels(labels, where):
         raise DataError(f"{where}: expected a non-empty list of label names, got {labels!r}")
     seen = set()
     for name in labels:
-        if name not in OBJECTS:
+        if not isinstance(name, str) or name not in OBJECTS:
             near = difflib.get_close_matches(str(name), LABELS, n=3, cutoff=0.5)
             hint = f"; closest: {', '.join(near)}" if near else ""
             raise DataError(f"{where}: unknown label {name!r} (expected one of the {NUM_CLASSES} "
@@ -287,17 +288,30 @@ def check_images(root, spec, spec_path):
                         f"under {_rel(root)} (first: {', '.join(missing[:3])})")
 
 
-def load_image(path, size=IMAGE_SIZE):
-    """PNG -> uint8 tensor (3, size, size), squash-resized like the lab's Resize((64, 64))."""
+WIDE_GRAY = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")  # PIL modes of 16/32-bit gray PNGs
+
+
+def read_image(path, size=IMAGE_SIZE):
+    """PNG -> (uint8 tensor (3, size, size), its PIL mode, its (width, height)): squash-resized
+    and converted to RGB like the lab's loader (Resize((64, 64)) of PIL's convert("RGB"))."""
     try:
         with Image.open(path) as im:
+            mode, shape = im.mode, im.size
+            if mode in WIDE_GRAY:  # PIL's RGB conversion clips these to white: never scale them
+                raise DataError(f"{_rel(path)}: a {mode} image (one channel, 16 or 32 bits): "
+                                "expected 8-bit RGB PNGs")
             im = im.convert("RGB")
             if im.size != (size, size):
                 im = im.resize((size, size), Image.BILINEAR)
             arr = np.asarray(im, dtype=np.uint8).copy()
     except (UnidentifiedImageError, OSError, SyntaxError) as e:
         raise DataError(f"{_rel(path)}: unreadable image ({e})") from None
-    return torch.from_numpy(arr).permute(2, 0, 1)
+    return torch.from_numpy(arr).permute(2, 0, 1), mode, shape
+
+
+def load_image(path, size=IMAGE_SIZE):
+    """PNG -> uint8 tensor (3, size, size) (read_image)."""
+    return read_image(path, size)[0]
 
 
 def to_float(images):
@@ -363,12 +377,19 @@ class ICLEVRDataset(Dataset):
         if in_memory:
             self.images = torch.empty(len(self.names), 3, size, size, dtype=torch.uint8)
             # PIL decodes outside the GIL: threads cut the start of every run on many-core hosts
+            converted = []
             with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
-                decoded = pool.map(lambda n: load_image(self.root / n, size), self.names)
-                for i, img in enumerate(tqdm(decoded, total=len(self.names), unit="img",
-                                             desc="decoding images", leave=False,
-                                             mininterval=1.0)):
+                decoded = pool.map(lambda n: read_image(self.root / n, size), self.names)
+                for i, (img, mode, _) in enumerate(tqdm(decoded, total=len(self.names),
+                                                        unit="img", desc="decoding images",
+                                                        leave=False, mininterval=1.0)):
                     self.images[i] = img
+                    if mode != "RGB":
+                        converted.append(f"{self.names[i]} {mode}")
+            if converted:
+                print(f"warning: {_rel(self.root)}: {len(converted)} of {len(self.names)} images "
+                      f"are not RGB, converted like the lab's loader (first: "
+                      f"{', '.join(converted[:3])})", file=sys.stderr)
         if layouts:
             self.attach_layouts(layout_path(self.root, self.spec_path) if layouts is True
                                 else layouts)
@@ -448,10 +469,11 @@ def device_tag(device):
 
 def run_cli(main):
     """Run a script's main(); a DataError becomes one line on stderr and exit status 2."""
-    import sys
-
     try:
         return main()
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:  # a second Ctrl-C: out at once, one line, no traceback
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)

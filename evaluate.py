@@ -6,6 +6,10 @@ with those of renders of the same conditions (16 fixed-seed scenes each), so num
 comparable across runs that score the same condition files. Next to it comes the FD that as many
 renders of another seed get (a perfect generator's score): with 32 images it is far from 0.
 
+Images of another size, or grayscale, RGBA or palette ones, are squash-resized and converted to
+RGB like the lab's loader, with a warning; 16-bit grayscale ones are refused (converting them
+would clip them to white). 16-bit RGB ones are read at 8 bits.
+
     python evaluate.py                                    # images/test and images/new_test
     python evaluate.py --checkpoint checkpoint.pth --per-image --json results/eval.json
 """
@@ -18,10 +22,9 @@ from collections import Counter
 from pathlib import Path
 
 import torch
-from PIL import Image
 
 from dataloader import (COLORS, IMAGE_SIZE, ROOT, TEST_JSONS, DataError, _rel, command_line,
-                        encode_batch, foreground_masks, load_conditions, load_image, run_cli,
+                        encode_batch, foreground_masks, load_conditions, read_image, run_cli,
                         write_json)
 from evaluator import (by_objects, by_objects_text, evaluation_model, frechet_distance,
                        miss_kinds, per_image)
@@ -53,16 +56,20 @@ def load_folder(folder, n):
     if extra:
         warn(f"{_rel(folder)}: ignoring {len(extra)} images beyond the {n} conditions "
              f"(first: {', '.join(sorted(extra)[:3])})")
-    images, resized = [], []
+    images, resized, converted = [], [], []
     for p in paths:
-        image = load_image(p)  # raises DataError for unreadable files; squash-resizes
-        with Image.open(p) as im:
-            if im.size != (IMAGE_SIZE, IMAGE_SIZE):
-                resized.append(f"{p.name} {im.size[0]}x{im.size[1]}")
+        image, mode, size = read_image(p)  # DataError for unreadable or 16-bit gray files
+        if mode != "RGB":
+            converted.append(f"{p.name} {mode}")
+        if size != (IMAGE_SIZE, IMAGE_SIZE):
+            resized.append(f"{p.name} {size[0]}x{size[1]}")
         images.append(image)
     if resized:
         warn(f"{_rel(folder)}: {len(resized)} images are not {IMAGE_SIZE}x{IMAGE_SIZE}, "
              f"squash-resized like the lab's loader (first: {', '.join(resized[:3])})")
+    if converted:
+        warn(f"{_rel(folder)}: {len(converted)} images are not RGB, converted to RGB like the "
+             f"lab's loader (first: {', '.join(converted[:3])})")
     return torch.stack(images)
 
 

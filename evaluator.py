@@ -5,10 +5,20 @@ attributes `resnet18` and `classnum`), so a user's checkpoint.pth is a drop-in. 
 per-image scores, which objects each image misses or adds, penultimate features and a Frechet
 distance on them, so image quality is measured by the same network as accuracy.
 
-Weights: the lab's format is torch.save({"model": state_dict}) (.pth/.pt). The project ships
+Weights: the lab's format is torch.save({"model": state_dict}) (.pth/.pt); a bare state_dict
+(a dict of tensors alone) is read too, as it is unambiguous. The project ships
 weights/judge/: fp16 safetensors shards of at most 15 MiB (small enough for git) and judge.json
 (shard list, classes, training metrics).
+
+    python evaluator.py --export checkpoint.pth     # weights/judge in the lab's format
+
+--export writes a judge (default: weights/judge; --checkpoint names another) as the lab's
+checkpoint.pth: {"model": state_dict} of torchvision's resnet18 with fc = Sequential(Linear(512,
+24), Sigmoid()), in float32. The project's judge is exactly that network with the same input,
+(B, 3, 64, 64) in [-1, 1], so the lab's unmodified evaluator.py loads the file as its
+./checkpoint.pth and scores exactly as evaluation_model does (tests/test_judge.py checks it).
 """
+import argparse
 import json
 import os
 from pathlib import Path
@@ -20,8 +30,8 @@ import torchvision
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from dataloader import (LABELS, NUM_CLASSES, ROOT, DataError, _rel, resolve_device, to_float,
-                        write_json)
+from dataloader import (LABELS, NUM_CLASSES, ROOT, DataError, _rel, resolve_device, run_cli,
+                        to_float, write_json)
 
 JUDGE_DIR = ROOT / "weights" / "judge"
 META_FILE = "judge.json"
@@ -337,3 +347,47 @@ class evaluation_model:
     def details(self, images, labels):
         """Per image: which labels the judge finds, misses and adds (see per_image)."""
         return per_image(self.scores(images), labels.cpu())
+
+
+# ---------------------------------------------------------------- the lab's checkpoint.pth
+
+def export_lab(path, checkpoint=None):
+    """Write a judge (None: weights/judge) as the lab's {"model": state_dict} .pth, float32 on
+    the CPU, to a temporary name and renamed. Returns the path."""
+    path = Path(path)
+    if path.suffix.lower() not in (".pth", ".pt"):
+        raise DataError(f"--export {_rel(path)}: expected a .pth or .pt file name (the lab's "
+                        "evaluator loads checkpoint.pth)")
+    if path.is_dir():
+        raise DataError(f"--export {_rel(path)}: is a folder; expected a file name")
+    net = evaluation_model(checkpoint, device="cpu").resnet18
+    # fp16 shards were copied into fp32 parameters on load: these are the values that score
+    sd = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"model": sd}, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as RuntimeError
+        tmp.unlink(missing_ok=True)
+        why = getattr(e, "strerror", None) or "torch.save could not write all of it"
+        raise DataError(f"--export {_rel(path)}: writing failed ({why}; is the disk full?), "
+                        "nothing was replaced") from None
+    return path
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--export", required=True, metavar="PATH.pth",
+                   help="write the judge as the lab's checkpoint.pth ({'model': state_dict})")
+    p.add_argument("--checkpoint", default=None,
+                   help="the judge to export (default: the project's weights/judge)")
+    args = p.parse_args(argv)
+    out = export_lab(args.export, args.checkpoint)
+    source = _rel(JUDGE_DIR if args.checkpoint is None else args.checkpoint)
+    print(f"wrote {_rel(out)} ({out.stat().st_size / 2**20:.1f} MiB): {source} as the lab's "
+          "{'model': state_dict}, resnet18 with fc = Sequential(Linear(512, 24), Sigmoid())")
+
+
+if __name__ == "__main__":
+    run_cli(main)

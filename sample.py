@@ -12,6 +12,7 @@ file, and OUT/denoise_process.png (x_t on top, the model's x0 estimate below) fo
 import argparse
 import contextlib
 import inspect
+import math
 import os
 from pathlib import Path
 
@@ -283,6 +284,9 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.steps is not None and args.steps < 1:
         raise DataError(f"--steps: expected a positive number, got {args.steps}")
+    if args.guidance is not None and not (math.isfinite(args.guidance) and args.guidance >= 0):
+        raise DataError(f"--guidance: expected a finite scale >= 0 (0 = unconditional, 1 = no "
+                        f"guidance), got {args.guidance}")
     for flag in ("batch_size", "num_images"):
         if getattr(args, flag) < 1:
             raise DataError(f"--{flag.replace('_', '-')}: expected a positive number, "
@@ -293,6 +297,10 @@ def main(argv=None):
 
     device = resolve_device(args.device)
     speed_up_cuda(device)  # as in training, so standalone and in-run (speedrun.py) sampling agree
+    if args.checkpoint and (args.checkpoint / "judge.json").is_file():
+        raise DataError(f"{_rel(args.checkpoint)}: the judge's weights (judge.json), not a "
+                        "diffusion model: expected a run, checkpoint-STEP or weights folder "
+                        "such as weights/ddpm")
     ckpt = resolve_checkpoint(args.checkpoint) if args.checkpoint else default_checkpoint()
     model, sched_cfg = load_model(ckpt, device, ema=not args.no_ema)
     # Defaults the checkpoint was scored with (speedrun.py writes them beside shipped weights).

@@ -26,18 +26,19 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
+from safetensors import SafetensorError, safe_open
 
 import estimate_layouts
 from flags import config_parser, option
 import render
 from dataloader import (DATA_ROOT, TRAIN_JSON, DataError, ICLEVRDataset, _rel,
                         encode_batch, foreground_masks, is_synthetic_name, layout_path,
-                        load_spec, portable_path, repo_path,
+                        load_json, load_spec, portable_path, repo_path,
                         resolve_device, run_cli, speed_up_cuda, to_float, to_uint8,
                         validation_conditions, write_json)
 from model import (EMA_DIR, MODEL_DIR, PRESETS, RUNS_DIR, SCHEDULER_DIR, build_model,
                    count_params, derive_seed, list_checkpoints, load_weights,
-                   make_noise_scheduler, resolve_checkpoint)
+                   make_noise_scheduler)
 from trainstep import TrainStep, diffusion_loss  # noqa: F401 (diffusion_loss: train's API)
 
 # optimizer, LR schedule, step, EMA step and training seconds (torch.load weights_only)
@@ -118,24 +119,110 @@ def _parser():
     return config_parser(TrainConfig, __doc__.split("\n")[0], only_given=True)
 
 
-def _find_resume(cfg):
-    """(run_dir, checkpoint or None) for cfg.resume; None when not resuming."""
-    if not cfg.resume:
-        return None
+def _resume_run_dir(cfg):
+    """The run folder --resume names: --resume latest -> --run-name's, else the run with the
+    newest checkpoint; a checkpoint folder -> its run; a run folder -> itself."""
     if cfg.resume == "latest":
         runs = repo_path(cfg.runs_dir)
         if cfg.run_name:
-            run_dir = runs / cfg.run_name
-        else:  # no name: the run with the newest checkpoint
-            latest = [c[-1] for r in (runs.iterdir() if runs.is_dir() else [])
-                      if (c := list_checkpoints(r))]
-            run_dir = max(latest, key=lambda p: p.stat().st_mtime).parent if latest else None
-        ckpts = list_checkpoints(run_dir) if run_dir else []
-        return run_dir, (ckpts[-1] if ckpts else None)
-    ckpt = resolve_checkpoint(cfg.resume)
-    if not (ckpt / STATE_FILE).is_file():
-        raise DataError(f"{_rel(ckpt)}: not a training checkpoint (no {STATE_FILE})")
-    return ckpt.parent, ckpt
+            return runs / cfg.run_name
+        latest = [c[-1] for r in (runs.iterdir() if runs.is_dir() else [])
+                  if (c := list_checkpoints(r))]
+        return max(latest, key=lambda p: p.stat().st_mtime).parent if latest else None
+    path = Path(cfg.resume)
+    if not path.exists():
+        raise DataError(f"--resume {cfg.resume}: not found")
+    return path if list_checkpoints(path) else path.parent
+
+
+def _find_resume(cfg, say=print):
+    """(run_dir, checkpoint or None) for cfg.resume; None when not resuming. A run's newest
+    checkpoint that is broken (checkpoint_problem) is skipped, saying so, for the newest
+    complete one; a checkpoint named explicitly must be complete."""
+    if not cfg.resume:
+        return None
+    run_dir = _resume_run_dir(cfg)
+    if cfg.resume != "latest" and not list_checkpoints(cfg.resume):  # one checkpoint named
+        ckpt = Path(cfg.resume)
+        problem = checkpoint_problem(ckpt)
+        if problem:
+            raise DataError(f"cannot resume from {_rel(ckpt)}: {problem}")
+        return run_dir, ckpt
+    ckpts = list_checkpoints(run_dir) if run_dir else []
+    problems = []
+    for ckpt in reversed(ckpts):
+        problem = checkpoint_problem(ckpt)
+        if problem is None:
+            return run_dir, ckpt
+        problems.append(problem)
+        say(f"--resume: skipping {_rel(ckpt)} ({problem})")
+    if ckpts:
+        raise DataError(f"{_rel(run_dir)}: no complete checkpoint to resume from (newest: "
+                        f"{problems[0]})")
+    return run_dir, None
+
+
+def checkpoint_problem(ckpt):
+    """Why a training checkpoint cannot be resumed, as one line naming the file, or None: each
+    part must be there and readable (model/, ema/, scheduler/, train_state.pt)."""
+    if not (ckpt / STATE_FILE).is_file() and not (ckpt / EMA_DIR).is_dir():
+        return f"{_rel(ckpt)}: not a training checkpoint (no {STATE_FILE})"
+    for sub, name in ((MODEL_DIR, "config.json"), (EMA_DIR, "config.json"),
+                      (SCHEDULER_DIR, "scheduler_config.json")):
+        path = ckpt / sub / name
+        try:
+            if not isinstance(json.loads(path.read_text()), dict):
+                return f"{_rel(path)}: expected a JSON object"
+        except FileNotFoundError:
+            return f"{_rel(path)}: missing"
+        except (ValueError, UnicodeDecodeError):
+            return f"{_rel(path)}: not valid JSON (truncated or corrupt)"
+    for sub in (MODEL_DIR, EMA_DIR):
+        shards = sorted((ckpt / sub).glob("*.safetensors"))
+        if not shards:
+            return f"{_rel(ckpt / sub)}: no *.safetensors weights"
+        for shard in shards:
+            try:
+                with safe_open(shard, "pt") as f:
+                    list(f.keys())
+            except Exception as e:  # safetensors raises its own error type for a bad header
+                return f"{_rel(shard)}: unreadable weights ({_first_line(e)})"
+    try:
+        state = torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        return f"{_rel(ckpt / STATE_FILE)}: missing"
+    except Exception as e:  # a truncated zip or pickle: torch raises several kinds
+        return f"{_rel(ckpt / STATE_FILE)}: unreadable ({_first_line(e)[:120]})"
+    missing = {"optimizer", "lr_scheduler", "step", "ema_step"} - set(state)
+    if missing:
+        return f"{_rel(ckpt / STATE_FILE)}: lacks {', '.join(sorted(missing))}"
+    return None
+
+
+def _first_line(e):
+    """An exception as one line: its message's first line, or its type (some have none)."""
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
+
+
+def saved_config(path):
+    """A run's config.json -> {field: value} of the TrainConfig fields it holds, type-checked,
+    so that a malformed file stops the resume with one line instead of failing later."""
+    saved = load_json(path)
+    if not isinstance(saved, dict):
+        raise DataError(f"{_rel(path)}: expected a JSON object of training options")
+    out = {}
+    for f in fields(TrainConfig):
+        if f.name not in saved:
+            continue
+        v = saved[f.name]
+        if f.type is float and isinstance(v, int) and not isinstance(v, bool):
+            v = float(v)
+        if type(v) is not f.type:
+            raise DataError(f"{_rel(path)}: {f.name} = {json.dumps(v)} (expected "
+                            f"{f.type.__name__})")
+        out[f.name] = v
+    return out
 
 
 def parse_args(argv=None):
@@ -146,11 +233,9 @@ def parse_args(argv=None):
     for name in set(PATH_FIELDS) & set(given):  # typed: relative to the current directory
         given[name] = portable_path(given[name])
     cfg = TrainConfig(**given)
-    found = _find_resume(cfg)
-    if found and found[0] is not None and (found[0] / "config.json").is_file():
-        saved = json.loads((found[0] / "config.json").read_text())
-        known = {f.name for f in fields(TrainConfig)}
-        cfg = TrainConfig(**{**{k: v for k, v in saved.items() if k in known}, **given})
+    run_dir = _resume_run_dir(cfg) if cfg.resume else None
+    if run_dir is not None and (run_dir / "config.json").is_file():
+        cfg = TrainConfig(**{**saved_config(run_dir / "config.json"), **given})
     return cfg
 
 
@@ -227,7 +312,9 @@ class _StopFlag:
         self.reason = signal.Signals(signum).name
         print(f"\n{self.reason}: stopping after this step and saving a checkpoint "
               "(Ctrl-C again to abort)", flush=True)
-        signal.signal(signal.SIGINT, self._old.get(signal.SIGINT, signal.default_int_handler))
+        # the second Ctrl-C raises KeyboardInterrupt, even where SIGINT was ignored before
+        # (a job started with & in a script inherits an ignored SIGINT)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
     def __exit__(self, *exc):
         for sig, old in self._old.items():
@@ -486,29 +573,53 @@ def save_checkpoint(run):
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
     acc.wait_for_everyone()
-    torch.save(_rng_state(run.gen), tmp / f"rng-{acc.process_index}.pt")
-    if main:  # through ema_net: safetensors needs contiguous (not channels_last) tensors
-        run.ema_net.load_state_dict(run.net.state_dict())
-        run.ema_net.save_pretrained(tmp / MODEL_DIR)
-        run.ema.copy_to(run.ema_net.parameters())
-        run.ema_net.save_pretrained(tmp / EMA_DIR)
-        run.noise_scheduler.save_config(tmp / SCHEDULER_DIR)
-        torch.save({"optimizer": run.train_step.optimizer_state(),
-                    "lr_scheduler": run.lr_sched.state_dict(), "step": run.step,
-                    "ema_step": run.ema.optimization_step,
-                    "train_seconds": time.time() - run.t_start}, tmp / STATE_FILE)
+    try:
+        write_checkpoint(run, tmp)
+    except (OSError, RuntimeError, SafetensorError) as e:  # a full disk (torch.save raises
+        # RuntimeError, safetensors its own error): no half-written folder stays, older ones do
+        shutil.rmtree(tmp, ignore_errors=True)
+        good = _rel(run.good_ckpt) if run.good_ckpt else "none"
+        raise DataError(f"{_rel(final)}: cannot write the checkpoint "
+                        f"({getattr(e, 'strerror', None) or _first_line(e)}); last good "
+                        f"checkpoint: {good}") from None
+    except BaseException:  # a second Ctrl-C: the same
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     acc.wait_for_everyone()
     if main:
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)
-        keep = run.cfg.keep_last
-        for old in list_checkpoints(run.run_dir)[:-keep] if keep else []:
-            shutil.rmtree(old, ignore_errors=True)
+        prune_checkpoints(run.run_dir, run.step, run.cfg.keep_last)
         plot_loss(run.run_dir)
         print(f"saved {_rel(final)}", flush=True)
     run.good_ckpt = final
     acc.wait_for_everyone()
+
+
+def write_checkpoint(run, folder):
+    """Every part of a checkpoint into folder: this rank's generator; on rank 0 the raw and EMA
+    weights, the noise schedule and the training state."""
+    torch.save(_rng_state(run.gen), folder / f"rng-{run.acc.process_index}.pt")
+    if run.acc.is_main_process:  # through ema_net: safetensors needs contiguous tensors
+        run.ema_net.load_state_dict(run.net.state_dict())
+        run.ema_net.save_pretrained(folder / MODEL_DIR)
+        run.ema.copy_to(run.ema_net.parameters())
+        run.ema_net.save_pretrained(folder / EMA_DIR)
+        run.noise_scheduler.save_config(folder / SCHEDULER_DIR)
+        torch.save({"optimizer": run.train_step.optimizer_state(),
+                    "lr_scheduler": run.lr_sched.state_dict(), "step": run.step,
+                    "ema_step": run.ema.optimization_step,
+                    "train_seconds": time.time() - run.t_start}, folder / STATE_FILE)
+
+
+def prune_checkpoints(run_dir, step, keep):
+    """--keep-last: the checkpoint of step and the newest keep - 1 before it stay; checkpoints
+    of later steps (left by a run resumed from an earlier one) are never touched."""
+    if keep:
+        older = [c for c in list_checkpoints(run_dir) if int(c.name.split("-")[1]) < step]
+        for old in older[:len(older) - (keep - 1)]:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def evaluate(run):

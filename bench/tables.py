@@ -116,6 +116,24 @@ def layout_estimate_table():
         print()
 
 
+def robustness_table():
+    """bench/bench_robustness.py: bad input as a user gives it, and what the user sees."""
+    path = RESULTS / "robustness.json"
+    if not path.is_file():
+        return
+    r = json.loads(path.read_text())
+    print(f"### Bad input (`bench/bench_robustness.py`), {r['passing']} of {len(r['cases'])} "
+          f"cases meet the bar ({r['device']}, torch {r['torch']})\n")
+    row("case", "command", "exit", "first line of stderr", "traceback", "files lost")
+    row(*["---"] * 6)
+    for c in r["cases"]:
+        given = f" with `{c['input']}`" if c.get("input") else ""  # what the case broke
+        first = c["stderr_first_line"].replace("|", "\\|")  # a bar would split the cell
+        row(c["case"], f"`{c['command']}`{given}", c["exit"], first,
+            "yes" if c["traceback"] else "no", ", ".join(c["files_lost"]) or "no")
+    print()
+
+
 def headline_table():
     """README's one table: the shipped model's speedrun (weights/ddpm/sample_config.json names
     the results file that scored it)."""
@@ -361,7 +379,7 @@ Every table here is written by `python bench/tables.py --write` from the files i
 a test checks that this page is what it writes. The files name the command that made them.
 """
 TABLES = (speedrun_table, compare_table, fidelity_table, layout_estimate_table, ablation_table,
-          guidance_table, judge_table, judge_resolution_table, speed_table)
+          guidance_table, judge_table, judge_resolution_table, speed_table, robustness_table)
 
 
 def captured(*functions):

@@ -60,8 +60,23 @@ def test_ablation_table_and_curves(tmp_path, monkeypatch, capsys):
         ["| fgw", "object weight 10.0", "-0.0200"]]
     assert all("3 / 1 / 4; 6 / 1" in r and "0.20@500 0.40@1000" in r for r in rows)
     assert all("1: 0.90, 2: 0.35" in r for r in rows)
+    # the curves figure: one line per run, labelled with its name and its file's device tag,
+    # drawn through its learning curve's (minutes, accuracy) points (the figure is caught
+    # before it is closed)
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    figures, close = [], plt.close
+    monkeypatch.setattr(plt, "close", lambda fig: figures.append(fig))
     png = tables.plot_curves(tmp_path / "curves.png")
-    assert png.stat().st_size > 5000
+    close(figures[0])  # pyplot's figure list lets go of it; the Axes stay readable
+    (ax,) = figures[0].axes
+    lines = {line.get_label(): (list(line.get_xdata()), list(line.get_ydata()))
+             for line in ax.get_lines()}
+    assert lines == {f"{name.split('-')[-1]} ({name[:4]})": ([0.3, 0.6], [0.2, 0.4])
+                     for name in runs}
+    with Image.open(png) as im:
+        assert im.size == (600, 400)  # what was saved is that 6 x 4 in figure at 100 dpi
     # once a full speedrun says when it ran, its recipe's short run becomes the reference (a
     # file without written_at, like the one-month-old default-preset speedrun, never does)
     newest = {**base, "train_config": {**base["train_config"], "batch_size": 128},

@@ -35,7 +35,7 @@ def test_benchmark_condition_files():
     assert len(test) == len(new) == 32
     assert sum(map(len, test)) == 72 and sum(map(len, new)) == 84
     assert test[25] == ["red sphere", "cyan cylinder", "cyan cube"]
-    assert dl.encode_batch(new).shape == (32, 24)
+    assert torch.equal(dl.encode_batch(new), torch.stack([dl.encode(c) for c in new]))
 
 
 def test_validation_conditions_avoid_the_benchmark():
@@ -43,7 +43,8 @@ def test_validation_conditions_avoid_the_benchmark():
     bench = {frozenset(c) for p in dl.TEST_JSONS for c in dl.load_conditions(p)}
     assert not bench & {frozenset(c) for c in val}
     assert {len(c) for c in val} == {1, 2, 3} and all(len(set(c)) == len(c) for c in val)
-    assert dl.encode_batch(val).shape == (300, 24)  # every label valid
+    # every label valid, and each condition is what its multi-hot row says
+    assert [sorted(dl.decode(v)) for v in dl.encode_batch(val)] == [sorted(c) for c in val]
     assert dl.validation_conditions(128) == val[:128]  # the eval's set is the sweep's prefix
 
 
@@ -97,16 +98,27 @@ def test_dataset_on_lab_format(tmp_path, in_memory):
     ds = dl.ICLEVRDataset(root, spec_path, in_memory=in_memory)
     assert len(ds) == 9
     img, lab = ds[4]
-    assert img.shape == (3, 64, 64) and img.dtype == torch.float32
-    assert -1.0 <= img.min() and img.max() <= 1.0 and img.std() > 0.03
+    assert img.dtype == torch.float32
     assert lab.shape == (24,) and lab.sum() == 2
     assert dl.decode(lab) == sorted(spec[ds.names[4]], key=dl.OBJECTS.get)
-    # Squash-resize exactly as the lab's Resize((64, 64)) on the PIL image.
+    # Squash-resize exactly as the lab's Resize((64, 64)) on the PIL image, then the lab's
+    # ToTensor + Normalize((0.5,) * 3, (0.5,) * 3).
     with Image.open(root / ds.names[4]) as im:
-        ref = np.array(im.convert("RGB").resize((64, 64), Image.BILINEAR))
-    assert torch.equal(dl.to_uint8(img), torch.from_numpy(ref).permute(2, 0, 1))
-    batch = next(iter(dl.get_dataloader(root, spec_path, batch_size=4, in_memory=in_memory)))
-    assert batch[0].shape == (4, 3, 64, 64) and batch[1].shape == (4, 24)
+        ref = torch.from_numpy(np.array(im.convert("RGB").resize((64, 64), Image.BILINEAR)))
+    ref = ref.permute(2, 0, 1)
+    torch.testing.assert_close(img, (ref.float() / 255 - 0.5) / 0.5, atol=1e-6, rtol=0)
+    assert torch.equal(dl.to_uint8(img), ref)
+    # the loader's batches are dataset items with their own labels: 2 full batches of 4
+    # (the last, short one dropped), 8 different images
+    items = [ds[i] for i in range(len(ds))]
+    seen = []
+    for images, labels in dl.get_dataloader(root, spec_path, batch_size=4, in_memory=in_memory):
+        assert len(images) == 4
+        for x, y in zip(images, labels):
+            i = next(i for i, (xi, _) in enumerate(items) if torch.equal(x, xi))
+            assert torch.equal(y, items[i][1])
+            seen.append(i)
+    assert len(seen) == len(set(seen)) == 8
 
 
 def test_missing_real_images_are_reported_not_rendered(tmp_path):

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -16,7 +17,8 @@ sys.path.insert(0, str(ROOT))
 
 import estimate_layouts  # noqa: E402
 import render  # noqa: E402
-from dataloader import ICLEVRDataset, layout_path  # noqa: E402
+from dataloader import OBJECTS, ICLEVRDataset, layout_path  # noqa: E402
+from model import load_weights  # noqa: E402
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
@@ -98,15 +100,28 @@ def test_train_estimates_the_layouts_of_lab_format_data_and_trains(scenes, tmp_p
         "earlier step to tell them apart: 1; first: CLEVR_train_odd.png); 0 scenes with a "
         "moving camera placed by color; wrote ")
     assert "training on 36 images (1 without a layout)" in p.stdout
-    assert not layout_path(data, tmp_path / "train.json").exists()  # the data stays untouched
+    # the data stays untouched: no layout file written beside it, only the PNGs there
+    assert not layout_path(data, tmp_path / "train.json").exists()
+    assert sorted(f.name for f in data.iterdir()) == sorted(spec)
     cached = tmp_path / "runs" / "real" / "train_layouts.json"
     est = json.loads(cached.read_text())
     assert est["estimated"] is True and list(est["skipped"]) == ["CLEVR_train_odd.png"]
     d = distances(est["layouts"], truth)
     assert len(d) == 72 and np.mean(d <= 2) >= 0.95
-    assert (tmp_path / "runs" / "real" / "checkpoint-2").is_dir()
+    # the dataset reads the estimate: each image's objects at the estimated places
     ds = ICLEVRDataset(data, tmp_path / "train.json", layouts=cached)
-    assert len(ds) == 36 and ds[0][2].shape == (3, 5)
+    assert len(ds) == 36 and "CLEVR_train_odd.png" not in ds.names
+    for name, lay in zip(ds.names, ds.layouts):
+        objs = est["layouts"][name]
+        want = torch.tensor([[OBJECTS[o["label"]], o["x"], o["y"], o["rx"], o["ry"]]
+                             for o in objs])
+        torch.testing.assert_close(lay[:len(objs)], want)
+        assert (lay[len(objs):, 0] == -1).all()  # the rest of the 3 slots: no object
+    # and the model trained on it keeps those layouts as its prior
+    net = load_weights(tmp_path / "runs" / "real" / "checkpoint-2" / "ema")
+    prior = ds.layouts[..., 1:].clone()
+    prior[ds.layouts[..., 0] < 0] = float("nan")
+    torch.testing.assert_close(net.layout_prior, prior, equal_nan=True)
     # the script alone writes the same estimate
     p = subprocess.run([sys.executable, str(ROOT / "estimate_layouts.py"), "--data-root", data,
                         "--train-json", tmp_path / "train.json", "--out", tmp_path / "e.json"],

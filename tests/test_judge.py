@@ -278,6 +278,48 @@ def test_shipped_weights_load():
     assert all((SHIPPED / n).stat().st_size <= 15 * 2**20 for n in judge.meta["shards"])
 
 
+def lab_evaluator_net(path):
+    """The judge exactly as the lab's unmodified evaluator.py builds and loads it."""
+    import torch.nn as nn
+    import torchvision.models as models
+
+    net = models.resnet18()
+    net.fc = nn.Sequential(nn.Linear(512, 24), nn.Sigmoid())
+    net.load_state_dict(torch.load(path, weights_only=True)["model"])
+    return net.eval()
+
+
+@needs_shipped
+def test_export_scores_like_the_lab_evaluator(render, tmp_path):
+    out = tmp_path / "lab" / "checkpoint.pth"
+    r = run("evaluator.py", "--export", out, cwd=tmp_path)
+    assert r.returncode == 0 and r.stdout.startswith(f"wrote {out} ("), r.stderr
+    assert [p.name for p in out.parent.iterdir()] == ["checkpoint.pth"]  # no temporary left
+    conds = [["red sphere"], ["cyan cylinder", "cyan cube"], ["gray cube", "blue sphere",
+                                                              "yellow cylinder"]]
+    u8 = render.render_tensor([(f"export {i}", c) for i, c in enumerate(conds)], seed=3,
+                              device="cpu")
+    x = dataloader.to_float(u8)  # the lab's input: (B, 3, 64, 64) in [-1, 1]
+    with torch.no_grad():
+        lab = lab_evaluator_net(out)(x)
+    ours = evaluator.evaluation_model(device="cpu")
+    assert torch.equal(lab, ours.scores(x))  # same network, same fp32 weights: same numbers
+    labels = dataloader.encode_batch(conds)
+    assert lab_compute_acc(lab, labels) == ours.eval(x, labels)
+    again = evaluator.evaluation_model(out, device="cpu")  # and it loads back as a checkpoint
+    assert torch.equal(again.scores(x), lab)
+
+
+def test_export_bad_paths(tmp_path):
+    (tmp_path / "folder.pth").mkdir()
+    for bad in ("judge.safetensors", "folder.pth"):
+        with pytest.raises(DataError, match=f"--export .*{bad}: .*expected"):
+            evaluator.export_lab(tmp_path / bad, tmp_path / "no-judge")
+    with pytest.raises(DataError, match="no-judge: checkpoint not found$"):
+        evaluator.export_lab(tmp_path / "x.pth", tmp_path / "no-judge")
+    assert [p.name for p in tmp_path.iterdir()] == ["folder.pth"]  # nothing written
+
+
 def test_miss_kinds_pairs_by_color_then_shape():
     rows = [{"missing": ["red cube", "blue sphere"], "extra": ["blue cylinder", "red sphere"]},
             {"missing": ["cyan cube", "red cube"], "extra": ["gray cube", "red sphere"]},
