@@ -213,6 +213,8 @@ def load_spec(path):
     return spec
 
 
+# A scene saved after each object it adds: "..._<scene>_<k>.png" shows its first k + 1 labels.
+STEP_NAME = re.compile(r"^(.+)_(\d+)\.png$")
 _SYN_NAME = re.compile(r"^SYN_[A-Za-z0-9]+_\d+_\d+\.png$")
 
 
@@ -370,6 +372,7 @@ class ICLEVRDataset(Dataset):
         self.root, self.spec_path, self.size = Path(root), Path(spec_path), size
         spec = load_spec(self.spec_path)
         check_images(self.root, spec, self.spec_path)
+        self.spec = spec  # the whole spec; names, labels and images drop skipped layouts
         self.names = list(spec)
         self.labels = encode_batch([spec[n] for n in self.names], _rel(self.spec_path))
         self.layouts = torch.zeros(len(spec), 0, 5)  # (N, K, 5) once a layout file is attached
@@ -397,7 +400,7 @@ class ICLEVRDataset(Dataset):
     def attach_layouts(self, path):
         """Read a layout file (dataloader.load_layouts) into .layouts; the images it lists as
         skipped (an estimate could not place them) leave the set. Returns their number."""
-        spec = load_spec(self.spec_path)
+        spec = self.spec
         layouts, skipped = read_layout_file(path)
         keep = [i for i, n in enumerate(self.names) if n not in skipped]
         if not keep:
@@ -465,6 +468,12 @@ def device_tag(device):
         return device.type
     m = re.search(r"[A-Za-z]*\d+", torch.cuda.get_device_name(device).replace("NVIDIA", ""))
     return m[0].lower() if m else "cuda"
+
+
+def first_line(e):
+    """An exception as one line: its message's first line, or its type (some have none)."""
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
 
 
 def run_cli(main):

@@ -15,7 +15,6 @@ The output is a layout file (docs/layouts.md) with "estimated": true and "skippe
 name: why it could not be placed}; ICLEVRDataset leaves the skipped images out.
 """
 import argparse
-import re
 from collections import Counter
 from pathlib import Path
 
@@ -25,7 +24,6 @@ import torch
 import dataloader
 from dataloader import COLORS, LAYOUT_FORMAT, DataError, _rel
 
-STEP_NAME = re.compile(r"^(.+)_(\d+)\.png$")
 CHANGE = 16          # of 255: a pixel differs between consecutive steps
 MIN_PIXELS = 3       # fewer pixels than this do not make an object
 RADIUS = 6.0         # px: the robust centroid keeps pixels this close to its current estimate
@@ -43,7 +41,7 @@ def scene_steps(spec):
     ..._<k>.png); every other image is its own one-step scene."""
     groups = {}
     for name in spec:
-        m = STEP_NAME.match(name)
+        m = dataloader.STEP_NAME.match(name)
         groups.setdefault(m[1] if m else name, []).append((int(m[2]) if m else 0, name))
     out = {}
     for key, steps in groups.items():
@@ -145,35 +143,43 @@ def locate_by_color(img, fg, background, labels, palette):
     return out, None
 
 
-def track(img, fg, background, labels, palette, previous):
-    """The earlier objects of a step whose camera moved: each from the pixels of its color
-    near its position in the previous step (the camera moves it a few pixels), or where it
-    was when too little of it shows -> {label: ((x, y), pixels)}."""
-    colors = _colors(labels)
-    ys, xs, owner = pixel_owners(img, fg, background, colors, palette)
-    out = {}
+def locate_moved(img, prev, fg, background, labels, palette, previous):
+    """Every object of a step whose camera moved -> {label: ((x, y), pixels)} or None. The
+    earlier ones come from the pixels of their color near their position in the previous step
+    (the camera moves them a few pixels), or stay there when too little of them shows; the new
+    one from the changed pixels of its color away from earlier objects of that color."""
+    colors = np.array(_colors(labels))
+    ys, xs, owner = pixel_owners(img, fg, background, list(colors), palette)
+    # the color each pixel is nearest to (-1: the background); two labels may share a color
+    nearest = np.where(owner < len(colors), colors[owner.clip(max=len(colors) - 1)], -1)
+    out, new_color = {}, colors[-1]
+    new = (nearest == new_color) & (np.abs(img[:, ys, xs] - prev[:, ys, xs]).max(0) > CHANGE)
     for j, label in enumerate(labels[:-1]):
-        (x0, y0), n0 = previous[label]
-        sel = (owner == j) & ((ys + 0.5 - y0) ** 2 + (xs + 0.5 - x0) ** 2 <= RADIUS ** 2)
+        (x0, y0), _ = previous[label]
+        sel = (nearest == colors[j]) & ((ys + 0.5 - y0) ** 2 + (xs + 0.5 - x0) ** 2
+                                        <= RADIUS ** 2)
         out[label] = ((robust_centroid(ys[sel], xs[sel], (y0 - 0.5, x0 - 0.5)), int(sel.sum()))
                       if sel.sum() >= MIN_PIXELS else ((x0, y0), 0))
+        if colors[j] == new_color:
+            (x1, y1), _ = out[label]
+            new &= (ys + 0.5 - y1) ** 2 + (xs + 0.5 - x1) ** 2 > (RADIUS / 2) ** 2
+    if new.sum() < MIN_PIXELS:
+        return None
+    out[labels[-1]] = (robust_centroid(ys[new], xs[new]), int(new.sum()))
     return out
 
 
-def locate_added(img, prev, fg, background, labels, palette, old):
-    """The object a step whose camera moved adds: changed foreground pixels of its color, away
-    from the tracked earlier objects of the same color -> ((x, y), pixels) or None."""
-    colors = np.array(_colors(labels))
-    ys, xs, owner = pixel_owners(img, fg, background, list(colors), palette)
-    sel = (owner < len(colors)) & (colors[owner.clip(max=len(colors) - 1)] == colors[-1])
-    sel &= np.abs(img[:, ys, xs] - prev[:, ys, xs]).max(0) > CHANGE
-    for label, c in zip(labels[:-1], colors):
-        if c == colors[-1]:
-            (x0, y0), _ = old[label]
-            sel &= (ys + 0.5 - y0) ** 2 + (xs + 0.5 - x0) ** 2 > (RADIUS / 2) ** 2
-    if sel.sum() < MIN_PIXELS:
-        return None
-    return robust_centroid(ys[sel], xs[sel]), int(sel.sum())
+def locate_step(img, prev, fg, prev_fg, background, labels, palette, previous):
+    """Every object of step k of a scene, given step k-1's image and objects -> ((objects or
+    None, why not), camera moved?)."""
+    color = palette[dataloader.OBJECTS[labels[-1]] % len(COLORS)]
+    new = locate_new(img, prev, fg, prev_fg, color)
+    if new is None:
+        return (None, "nothing new where its step adds an object"), False
+    if not new[2]:
+        return ({**previous, labels[-1]: new[:2]}, None), False
+    objs = locate_moved(img, prev, fg, background, labels, palette, previous)
+    return (objs, None if objs else "its new object not found (the camera moved)"), True
 
 
 def fit_sizes(found):
@@ -209,19 +215,12 @@ def estimate(images, spec, names=None):
             if prev not in found:  # a scene's first step, or one after a skipped step
                 objs, why = locate_by_color(imgs[i], fg[i], background[i], labels, palette)
             else:
-                color = palette[dataloader.OBJECTS[labels[-1]] % len(COLORS)]
-                new = locate_new(imgs[i], imgs[index[prev]], fg[i], fg[index[prev]], color)
-                objs, why = (None, "nothing new where its step adds an object") if new is None \
-                    else (found[prev], None)
-                if new is not None and new[2]:
+                j = index[prev]
+                (objs, why), camera_moved = locate_step(imgs[i], imgs[j], fg[i], fg[j],
+                                                        background[i], labels, palette,
+                                                        found[prev])
+                if camera_moved:
                     moved.add(key)
-                    objs = track(imgs[i], fg[i], background[i], labels, palette, found[prev])
-                    new = locate_added(imgs[i], imgs[index[prev]], fg[i], background[i],
-                                       labels, palette, objs)
-                    if new is None:
-                        objs, why = None, "its new object not found (the camera moved)"
-                if objs is not None:
-                    objs = {**objs, labels[-1]: new[:2]}
             if objs is None:
                 skipped[name] = why
             else:
@@ -255,17 +254,16 @@ def write_estimate(path, layouts, skipped, size=dataloader.IMAGE_SIZE):
     return Path(path)
 
 
-def estimate_file(root, spec_path, out=None):
-    """Estimate the layouts of a spec's images under root and write them to out (default: the
-    layout file beside the images) -> (path, summary line)."""
-    ds = dataloader.ICLEVRDataset(root, spec_path, in_memory=True)
-    spec = dataloader.load_spec(spec_path)
-    layouts, skipped, moved = estimate(ds.images, spec, ds.names)
-    if len(skipped) == len(spec):
-        raise DataError(f"{_rel(spec_path)}: no image could be placed (first: "
-                        f"{next(iter(skipped))}: {next(iter(skipped.values()))})")
-    path = write_estimate(out or dataloader.layout_path(root, spec_path), layouts, skipped)
-    return path, summary(len(spec), skipped, moved)
+def estimate_dataset(ds, path):
+    """Estimate the layouts of an in-memory ICLEVRDataset's images and write them to path ->
+    the summary line. Stops with one line when no image can be placed."""
+    layouts, skipped, moved = estimate(ds.images, ds.spec, ds.names)
+    if len(skipped) == len(ds.spec):
+        name, why = next(iter(skipped.items()))
+        raise DataError(f"{_rel(ds.spec_path)}: no image could be placed by "
+                        f"estimate_layouts.py (first: {name}: {why})")
+    write_estimate(path, layouts, skipped)
+    return summary(len(ds.spec), skipped, moved)
 
 
 def main():
@@ -277,8 +275,9 @@ def main():
     ap.add_argument("--out", type=Path, default=None,
                     help="layout file to write (default: DATA_ROOT/<spec stem>_layouts.json)")
     args = ap.parse_args()
-    path, line = estimate_file(args.data_root, args.train_json, args.out)
-    print(line)
+    ds = dataloader.ICLEVRDataset(args.data_root, args.train_json, in_memory=True)
+    path = args.out or dataloader.layout_path(args.data_root, args.train_json)
+    print(estimate_dataset(ds, path))
     print(f"wrote {_rel(path)}")
 
 

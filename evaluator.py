@@ -30,8 +30,8 @@ import torchvision
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from dataloader import (LABELS, NUM_CLASSES, ROOT, DataError, _rel, resolve_device, run_cli,
-                        to_float, write_json)
+from dataloader import (LABELS, NUM_CLASSES, ROOT, DataError, _rel, first_line, resolve_device,
+                        run_cli, to_float, write_json)
 
 JUDGE_DIR = ROOT / "weights" / "judge"
 META_FILE = "judge.json"
@@ -265,9 +265,8 @@ def read_state_dict(checkpoint):
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # unpickling fails in many ways; all mean "not a checkpoint"
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise DataError(f"{_rel(path)}: cannot load as a weights-only torch checkpoint "
-                        f"({msg})") from None
+                        f"({first_line(e)})") from None
     if isinstance(ckpt, dict) and isinstance(ckpt.get("model"), dict):
         return ckpt["model"]
     if isinstance(ckpt, dict) and ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):

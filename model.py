@@ -40,7 +40,8 @@ from diffusers.configuration_utils import FrozenDict, register_to_config
 from diffusers.utils import logging as diffusers_logging
 from torch import nn
 
-from dataloader import COLORS, IMAGE_SIZE, NUM_CLASSES, ROOT, SHAPES, DataError, _rel
+from dataloader import (COLORS, IMAGE_SIZE, NUM_CLASSES, ROOT, SHAPES, DataError, _rel,
+                        first_line)
 
 RUNS_DIR = ROOT / "runs"  # train.py writes runs/NAME/checkpoint-STEP/
 WEIGHTS_DIR = ROOT / "weights" / "ddpm"  # shipped fp16 weights (export_fp16)
@@ -364,8 +365,7 @@ def load_weights(path, dtype=torch.float32):
     try:
         model = ConditionalUNet.from_pretrained(path, use_safetensors=True, torch_dtype=dtype)
     except (OSError, ValueError, RuntimeError, KeyError, TypeError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise DataError(f"{_rel(path)}: cannot load model ({first})") from None
+        raise DataError(f"{_rel(path)}: cannot load model ({first_line(e)})") from None
     finally:
         if bar:
             diffusers_logging.enable_progress_bar()

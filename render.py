@@ -23,7 +23,6 @@ import hashlib
 import json
 import math
 import os
-import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -107,7 +106,6 @@ SUPERSAMPLE = 2
 VIS_GRID = (60, 80)
 FAR = 1e3  # absent objects are parked here: behind the camera, never hit, never shadowing
 DEFAULT_BATCH = {"cuda": 1024, "mps": 256, "cpu": 8}
-STEP_NAME = re.compile(r"^(.+)_(\d+)\.png$")
 
 
 # ---------------------------------------------------------------- specs and scenes
@@ -138,7 +136,7 @@ def plan_images(items):
         dataloader.check_labels(labels, f"spec[{name!r}]")
         if len(labels) > MAX_OBJECTS:
             raise DataError(f"spec[{name!r}]: {len(labels)} objects (at most {MAX_OBJECTS})")
-        m = STEP_NAME.match(name)
+        m = dataloader.STEP_NAME.match(name)
         key, step = (m[1], int(m[2])) if m else (name, -1)
         s = scene_of.get(key)
         if s is None:
@@ -151,7 +149,7 @@ def plan_images(items):
             objects[s], best[s], best_name[s] = list(labels), step, name
     images = []
     for name, labels in items:
-        m = STEP_NAME.match(name)
+        m = dataloader.STEP_NAME.match(name)
         s = scene_of[m[1] if m else name]
         if list(labels) != objects[s][:len(labels)]:
             raise DataError(f"spec[{name!r}]: labels {labels} are not a prefix of "
@@ -642,15 +640,11 @@ def ensure_images(root, spec, spec_path, device="auto"):
 
 
 def ensure_layouts(spec, spec_path, root, seed=0, device="auto"):
-    """The layout file of a spec's images under root; written from the renderer's placement
-    (no shading) when missing and the images are the project's own renders."""
+    """The layout file of a spec's renders under root (the project's own images); written from
+    the renderer's placement (no shading) when missing. Other images: estimate_layouts.py."""
     path = dataloader.layout_path(root, spec_path)
     if path.is_file():
         return path
-    if not all(dataloader.is_synthetic_name(n) for n in spec):
-        raise DataError(f"{dataloader._rel(path)}: no layout file for the images of "
-                        f"{dataloader._rel(spec_path)} (estimate them: python "
-                        "estimate_layouts.py, docs/layouts.md)")
     print(f"writing the layouts of {len(spec)} images to {dataloader._rel(path)}")
     return write_layouts(spec, path, seed, device)
 

@@ -32,8 +32,8 @@ import estimate_layouts
 from flags import config_parser, option
 import render
 from dataloader import (DATA_ROOT, TRAIN_JSON, DataError, ICLEVRDataset, _rel,
-                        encode_batch, foreground_masks, is_synthetic_name, layout_path,
-                        load_json, load_spec, portable_path, repo_path,
+                        encode_batch, first_line, foreground_masks, is_synthetic_name,
+                        layout_path, load_json, load_spec, portable_path, repo_path,
                         resolve_device, run_cli, speed_up_cuda, to_float, to_uint8,
                         validation_conditions, write_json)
 from model import (EMA_DIR, MODEL_DIR, PRESETS, RUNS_DIR, SCHEDULER_DIR, build_model,
@@ -186,23 +186,18 @@ def checkpoint_problem(ckpt):
                 with safe_open(shard, "pt") as f:
                     list(f.keys())
             except Exception as e:  # safetensors raises its own error type for a bad header
-                return f"{_rel(shard)}: unreadable weights ({_first_line(e)})"
-    try:
-        state = torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=True)
+                return f"{_rel(shard)}: unreadable weights ({first_line(e)})"
+    try:  # mmap: the zip's index and the pickle are read, the tensors only mapped (restore
+        # reads them once)
+        state = torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=True, mmap=True)
     except FileNotFoundError:
         return f"{_rel(ckpt / STATE_FILE)}: missing"
     except Exception as e:  # a truncated zip or pickle: torch raises several kinds
-        return f"{_rel(ckpt / STATE_FILE)}: unreadable ({_first_line(e)[:120]})"
+        return f"{_rel(ckpt / STATE_FILE)}: unreadable ({first_line(e)[:120]})"
     missing = {"optimizer", "lr_scheduler", "step", "ema_step"} - set(state)
     if missing:
         return f"{_rel(ckpt / STATE_FILE)}: lacks {', '.join(sorted(missing))}"
     return None
-
-
-def _first_line(e):
-    """An exception as one line: its message's first line, or its type (some have none)."""
-    lines = str(e).strip().splitlines()
-    return lines[0] if lines else type(e).__name__
 
 
 def saved_config(path):
@@ -406,20 +401,14 @@ def find_layouts(ds, run_dir, device, say=print):
     """The layout file of a dataset's images (docs/layouts.md): the one beside the images; for
     the project's renders, the renderer's placement; for other images (the lab's), estimated
     from the images themselves (estimate_layouts.py) and cached in the run folder."""
+    if all(is_synthetic_name(n) for n in ds.spec):
+        return render.ensure_layouts(ds.spec, ds.spec_path, ds.root, device=device)
     beside = layout_path(ds.root, ds.spec_path)
-    spec = load_spec(ds.spec_path)
     if beside.is_file():
         return beside
-    if all(is_synthetic_name(n) for n in spec):
-        return render.ensure_layouts(spec, ds.spec_path, ds.root, device=device)
     cached = run_dir / beside.name
     if not cached.is_file():
-        layouts, skipped, moved = estimate_layouts.estimate(ds.images, spec, ds.names)
-        if len(skipped) == len(spec):
-            raise DataError(f"{_rel(ds.spec_path)}: no image could be placed by "
-                            f"estimate_layouts.py (first: {next(iter(skipped.values()))})")
-        estimate_layouts.write_estimate(cached, layouts, skipped)
-        say(f"{estimate_layouts.summary(len(spec), skipped, moved)}; wrote {_rel(cached)}")
+        say(f"{estimate_layouts.estimate_dataset(ds, cached)}; wrote {_rel(cached)}")
     return cached
 
 
@@ -580,7 +569,7 @@ def save_checkpoint(run):
         shutil.rmtree(tmp, ignore_errors=True)
         good = _rel(run.good_ckpt) if run.good_ckpt else "none"
         raise DataError(f"{_rel(final)}: cannot write the checkpoint "
-                        f"({getattr(e, 'strerror', None) or _first_line(e)}); last good "
+                        f"({getattr(e, 'strerror', None) or first_line(e)}); last good "
                         f"checkpoint: {good}") from None
     except BaseException:  # a second Ctrl-C: the same
         shutil.rmtree(tmp, ignore_errors=True)
@@ -796,7 +785,7 @@ def _load_judge(device):
 
         return evaluation_model(device=device)
     except (ImportError, FileNotFoundError, DataError) as e:
-        print(f"eval: skipped ({str(e).splitlines()[0] if str(e) else type(e).__name__})")
+        print(f"eval: skipped ({first_line(e)})")
         return None
 
 

@@ -3,7 +3,7 @@ clip, AdamW), eager through Accelerate or captured once and replayed as a CUDA g
 import torch
 import torch.nn.functional as F
 
-from dataloader import DataError
+from dataloader import DataError, first_line
 
 
 def diffusion_loss(model, noise_scheduler, x0, y, layout, noise, t, snr=None, snr_gamma=0.0,
@@ -123,8 +123,8 @@ class TrainStep:
             with torch.cuda.graph(self.graph):
                 self.static_out = self._step(*self.static)
         except RuntimeError as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            print(f"warning: CUDA graph capture failed ({first[:200]}); continuing without it",
+            print(f"warning: CUDA graph capture failed ({first_line(e)[:200]}); continuing "
+                  "without it",
                   flush=True)
             self.graph = False
             self.optimizer.zero_grad(set_to_none=True)

@@ -25,7 +25,7 @@ from dataloader import ROOT, command_line, load_image, load_json, run_cli, write
 LOOK = ROOT.parent / "shared" / "look"
 
 
-def errors(estimated, truth, skipped):
+def errors(estimated, truth):
     """Per object of every image: (distance in px or NaN where skipped, relative size error,
     color index)."""
     rows = []
@@ -49,7 +49,7 @@ def measure(spec, seed, camera_moves):
     t0 = time.perf_counter()
     est, skipped, moved = estimate_layouts.estimate(images, spec)
     seconds = time.perf_counter() - t0
-    err = errors(est, truth, skipped)
+    err = errors(est, truth)
     dist, size, color = err.T
     placed = ~np.isnan(dist)
     by_color = {c: round(float(np.mean(np.nan_to_num(dist[color == i], nan=99) <= 2)), 4)

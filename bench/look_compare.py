@@ -112,7 +112,7 @@ def main():
     ours = [render.render_tensor(labels, seed=s, device=args.device).permute(0, 2, 3, 1).cpu()
             .numpy() for s in args.seeds]
 
-    rows = len({render.STEP_NAME.match(n)[1] for n in names})
+    rows = len({dataloader.STEP_NAME.match(n)[1] for n in names})
     gap = np.full((rows * 64, 8, 3), 255, np.uint8)
     fig = np.concatenate([sheet(ref, rows, len(names) // rows), gap,
                           sheet(ours[0], rows, len(names) // rows)], 1)

@@ -145,8 +145,9 @@ def headline_table():
     row("shipped model", "trained on", "training", "test.json", "new_test.json",
         "sampling both files", "file")
     row(*["---"] * 7)
-    row(f"`{r['train_config']['preset']}` (grounded), {r['sampler']} {r['sampler_steps']}, "
-        f"guidance {r['guidance']}", "2-core CPU" if r["device"] == "cpu" else r["device"],
+    preset = r["train_config"]["preset"]
+    kind = " (grounded)" if preset.startswith("ground") else ""
+    row(f"`{preset}`{kind}, {r['sampler']} {r['sampler_steps']}, guidance {r['guidance']}", "2-core CPU" if r["device"] == "cpu" else r["device"],
         f"{r['train_minutes']:.0f} min", f"{m['test']:.4f} ± {s['test']:.4f}",
         f"{m['new_test']:.4f} ± {s['new_test']:.4f}",
         f"{min(secs):.0f}-{max(secs):.0f} s per seed", f"`{shipped['speedrun']}`")

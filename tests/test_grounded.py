@@ -225,7 +225,7 @@ def test_positions_need_a_grounded_model_and_images_nothing_can_be_placed_on_sto
     assert p.stderr.strip().splitlines()[-1].startswith("error: ")
     assert p.stderr.strip().splitlines()[-1] == (
         f"error: {tmp_path / 'train.json'}: no image could be placed by estimate_layouts.py "
-        "(first: no one-object image shows one of its colors)")
+        "(first: CLEVR_train_000001_0.png: no one-object image shows one of its colors)")
 
 
 def test_shipped_weights_make_the_images_their_results_file_scored():
