@@ -320,8 +320,10 @@ def forks():
     return _FORKS
 
 
-def run_script(args, cwd, fsize, out, err):
-    """In a forked child: run a repository script as __main__, exiting as python would."""
+def run_script(args, cwd, fsize, out, err, status):
+    """In a forked child: run a repository script as __main__, exiting as python would; the
+    exit status also goes to the file status (the fork server's report of it can be lost when
+    two cases end at once)."""
     if fsize:
         resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
     os.chdir(cwd)
@@ -342,6 +344,7 @@ def run_script(args, cwd, fsize, out, err):
         traceback.print_exc()
         code = 1
     atexit._run_exitfuncs()  # as at the end of python; multiprocessing then flushes and exits
+    Path(status).write_text(str(code))
     sys.exit(code)
 
 
@@ -361,8 +364,9 @@ def run_command(args, cwd, fsize=0, cold=False):
             return "timeout", e.stdout or "", e.stderr or ""
         return p.returncode, p.stdout, p.stderr
     with tempfile.TemporaryDirectory(prefix="streams-") as t:
-        out, err = Path(t) / "stdout", Path(t) / "stderr"
-        p = forks().Process(target=run_script, args=(args, str(cwd), fsize, str(out), str(err)))
+        out, err, status = (Path(t) / name for name in ("stdout", "stderr", "status"))
+        p = forks().Process(target=run_script,
+                            args=(args, str(cwd), fsize, str(out), str(err), str(status)))
         p.start()
         p.join(TIMEOUT_S)
         exit = p.exitcode  # negative: killed by that signal
@@ -370,6 +374,8 @@ def run_command(args, cwd, fsize=0, cold=False):
             p.kill()
             p.join()
             exit = "timeout"
+        elif status.is_file():  # what the script exited with, however the server reported it
+            exit = int(status.read_text())
         return exit, *(f.read_text(errors="replace") if f.is_file() else "" for f in (out, err))
 
 
