@@ -452,6 +452,14 @@ def command_line(argv=None):
     return " ".join(shlex.quote(a) for a in ["python", _rel(script), *args])
 
 
+def computes_bf16(device):
+    """True on CUDA and on CPUs that compute bf16 in hardware (AVX-512 BF16, AMX), where bf16
+    autocast is much faster than fp32: what precision 'auto' picks, for training and sampling."""
+    device = torch.device(device)
+    return device.type == "cuda" or (device.type == "cpu"
+                                     and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 def speed_up_cuda(device):
     """On CUDA: TF32 for float32 matmuls and convolutions, and cuDNN autotuning (training and
     sampling shapes are fixed, so each shape is searched once). A no-op elsewhere."""

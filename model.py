@@ -51,6 +51,7 @@ SHARD_SIZE = "15MB"  # 15e6 bytes < 15 MiB: shipped shards stay small enough to 
 _D, _AD, _U, _AU = "DownBlock2D", "AttnDownBlock2D", "UpBlock2D", "AttnUpBlock2D"
 _XD, _XU = "CrossAttnDownBlock2D", "CrossAttnUpBlock2D"  # self- + cross-attention + MLP (xattn)
 CONDITIONINGS = ("embed", "concat", "xattn", "ground")
+MAP_STYLES = ("gauss", "shape")  # what a grounded model's maps draw per object (label_maps)
 PRESETS = {
     # The seed report's six-level UNet on 64x64 pixels with a label-map channel: 113.67M in
     # the UNet + 0.10M label map = 113.78M (the report's 113.7M).
@@ -93,6 +94,11 @@ PRESETS = {
     "ground": dict(conditioning="ground", pixel_shuffle=2, block_out_channels=(96, 128, 160),
                    down_block_types=(_D, _D, _AD), up_block_types=(_AU, _U, _U),
                    layers_per_block=1, attention_head_dim=32, time_embedding_dim=256),
+    # ground whose maps draw each object's silhouette instead of a Gaussian blob.
+    "ground-shape": dict(conditioning="ground", pixel_shuffle=2, block_out_channels=(96, 128, 160),
+                         down_block_types=(_D, _D, _AD), up_block_types=(_AU, _U, _U),
+                         layers_per_block=1, attention_head_dim=32, time_embedding_dim=256,
+                         map_style="shape"),
     # The same for a GPU: wider, attention at 16x16 and 8x8.
     "ground-gpu": dict(conditioning="ground", pixel_shuffle=2, block_out_channels=(128, 192, 256),
                        down_block_types=(_D, _AD, _AD), up_block_types=(_AU, _AU, _U),
@@ -137,11 +143,15 @@ class ConditionalUNet(ModelMixin, ConfigMixin):
                  down_block_types=(_D, _AD, _AD), up_block_types=(_AU, _AU, _U),
                  layers_per_block=2, attention_head_dim=32, norm_num_groups=32,
                  time_embedding_dim=None, resnet_time_scale_shift="scale_shift", dropout=0.0,
-                 cross_attention_dim=128, blob_scale=0.5, prior_shape=(0, 3)):
+                 cross_attention_dim=128, blob_scale=0.5, map_style="gauss",
+                 prior_shape=(0, 3)):
         super().__init__()
         if conditioning not in CONDITIONINGS:
             raise ValueError(f"conditioning must be one of {', '.join(CONDITIONINGS)}, got "
                              f"{conditioning!r}")
+        if map_style not in MAP_STYLES:
+            raise ValueError(f"map_style must be one of {', '.join(MAP_STYLES)}, got "
+                             f"{map_style!r}")
         if image_size % pixel_shuffle:
             raise ValueError(f"image_size {image_size} is not divisible by pixel_shuffle")
         s2 = pixel_shuffle ** 2
@@ -207,9 +217,10 @@ class ConditionalUNet(ModelMixin, ConfigMixin):
         return next(self.label_proj.parameters()).dtype
 
     def label_maps(self, layout, batch, device):
-        """layout (B, K, 5) -> maps (B, 8 + 3, H, W): per object a Gaussian blob at (x, y) with
-        standard deviations blob_scale * (rx, ry) (at least 1 px), in its color's and its
-        shape's channel; where blobs overlap, the larger value."""
+        """layout (B, K, 5) -> maps (B, 8 + 3, H, W): per object, in its color's and its shape's
+        channel, its shape's silhouette (map_style "shape", see silhouettes) or a Gaussian blob
+        with standard deviations blob_scale * (rx, ry), at least 1 px ("gauss"); where objects
+        overlap, the larger value."""
         size, n_colors = self.config.image_size, len(COLORS)
         channels = n_colors + len(SHAPES)
         if layout is None or layout.shape[1] == 0:
@@ -218,12 +229,16 @@ class ConditionalUNet(ModelMixin, ConfigMixin):
         cls, cx, cy, rx, ry = layout.unbind(-1)  # each (B, K)
         present = cls >= 0
         grid = torch.arange(size, device=device, dtype=torch.float32) + 0.5
-        sx = (self.config.blob_scale * rx).nan_to_num(1.0).clamp_min(1.0)[..., None]
-        sy = (self.config.blob_scale * ry).nan_to_num(1.0).clamp_min(1.0)[..., None]
-        gx = torch.exp(-0.5 * ((grid - cx.nan_to_num(0.0)[..., None]) / sx) ** 2)  # (B, K, W)
-        gy = torch.exp(-0.5 * ((grid - cy.nan_to_num(0.0)[..., None]) / sy) ** 2)  # (B, K, H)
-        blob = gy[..., :, None] * gx[..., None, :] * present[..., None, None]  # (B, K, H, W)
         c = cls.clamp_min(0).long()
+        if self.config.map_style == "shape":
+            blob = silhouettes(c // n_colors, cx, cy, rx, ry, grid)
+        else:
+            sx = (self.config.blob_scale * rx).nan_to_num(1.0).clamp_min(1.0)[..., None]
+            sy = (self.config.blob_scale * ry).nan_to_num(1.0).clamp_min(1.0)[..., None]
+            gx = torch.exp(-0.5 * ((grid - cx.nan_to_num(0.0)[..., None]) / sx) ** 2)  # (B, K, W)
+            gy = torch.exp(-0.5 * ((grid - cy.nan_to_num(0.0)[..., None]) / sy) ** 2)  # (B, K, H)
+            blob = gy[..., :, None] * gx[..., None, :]  # (B, K, H, W)
+        blob = blob * present[..., None, None]
         onehot = torch.cat([F.one_hot(c % n_colors, n_colors),
                             F.one_hot(c // n_colors, len(SHAPES))], -1).float()  # (B, K, 11)
         return (blob[:, :, None] * onehot[..., None, None]).amax(1)
@@ -247,27 +262,82 @@ class ConditionalUNet(ModelMixin, ConfigMixin):
         cls = torch.as_tensor(classes, dtype=torch.float32)[:, None]
         return torch.cat([cls, torch.as_tensor(xy, dtype=torch.float32), size], 1)[None]
 
-    def draw_layouts(self, labels, generators):
+    def draw_layouts(self, labels, generators, apart_only=False):
         """Layouts (N, K, 5) for multi-hot labels (N, C) from the prior: image i takes the
         object positions of a training image with as many objects, drawn with generators[i],
         and gives them its labels in random order. Conditions with more objects than any
-        training image follow the renderer's placement rules instead."""
+        training image follow the renderer's placement rules instead. apart_only: only layouts
+        whose objects' outlines do not overlap (apart; placements are redrawn up to
+        PLACE_TRIES times), measured by bench/bench_apart.py."""
         prior = self.layout_prior.float().cpu()
         counts = (~prior[..., 0].isnan()).sum(1)
+        clear = apart(prior) if apart_only else torch.ones(len(prior), dtype=torch.bool)
         k_max = int(max(1, labels.gt(0.5).sum(1).max()))
         out = torch.full((len(labels), k_max, 5), -1.0)
         for i, (y, gen) in enumerate(zip(labels, generators)):
             cls = y.gt(0.5).nonzero().flatten()
             cls = cls[torch.randperm(len(cls), generator=gen)]
-            rows = (counts == len(cls)).nonzero().flatten()
+            rows = ((counts == len(cls)) & clear).nonzero().flatten()
+            if not len(rows):  # no training layout of that size stands apart: any of them
+                rows = (counts == len(cls)).nonzero().flatten()
             if len(rows):
                 pos = prior[rows[torch.randint(len(rows), (1,), generator=gen)], :len(cls)][0]
             else:
-                pos = placed_layout(len(cls), int(torch.randint(2**31, (1,), generator=gen)),
-                                    self.config.image_size)
+                for _ in range(PLACE_TRIES):
+                    pos = placed_layout(len(cls), int(torch.randint(2**31, (1,), generator=gen)),
+                                        self.config.image_size)
+                    if not apart_only or apart(pos[None])[0]:
+                        break
             out[i, :len(cls), 0] = cls.float()
             out[i, :len(cls), 1:] = pos
         return out
+
+
+# Layouts apart (draw_layouts(apart_only=True)): the training scenes only promise each object a
+# few visible pixels, and a label given to another training object's position can end up hidden
+# behind a taller one. Outlines are boxes of half-width rx and half-height 1.35 ry (a cylinder's
+# silhouette, the tallest; see silhouettes).
+APART_HEIGHT = 1.35
+PLACE_TRIES = 20
+
+
+def apart(layouts):
+    """(N, K, 4) positions (x, y, rx, ry), NaN where no object -> (N,) bool: no two objects'
+    outline boxes overlap."""
+    x, y, rx, ry = layouts[..., :4].unbind(-1)
+    dx = (x[:, :, None] - x[:, None, :]).abs() < rx[:, :, None] + rx[:, None, :]
+    dy = (y[:, :, None] - y[:, None, :]).abs() < APART_HEIGHT * (ry[:, :, None] + ry[:, None, :])
+    eye = torch.eye(layouts.shape[1], dtype=torch.bool)
+    return ~(dx & dy & ~eye).flatten(1).any(1)  # comparisons with NaN are False: no object
+
+
+# Silhouettes of i-CLEVR's shapes as its camera (28 degrees above the floor) sees them, in units
+# of the apparent radius (rx, ry) of a sphere at the object's distance, about the projected
+# centre: a cylinder's side spans cos 28 = 0.88 of its height above and below, capped by
+# ellipses sin 28 = 0.47 deep; a cube (half side 0.71, turned at random) is drawn as the box its
+# turns cover on average.
+CYL_SIDE, CYL_CAP = 0.88, 0.47
+CUBE_BOX = (0.85, 1.0)
+
+
+def silhouettes(shape, cx, cy, rx, ry, grid):
+    """Soft silhouettes (B, K, H, W) in [0, 1], edges about one pixel wide: shape (B, K) indexes
+    dataloader.SHAPES (cube, sphere, cylinder); cx, cy, rx, ry (B, K) in pixels; grid the pixel
+    centres. NaN positions (no object) draw nothing the caller keeps."""
+    r = (0.5 * (rx + ry)).nan_to_num(1.0).clamp_min(1.0)[..., None, None]
+    dx = (grid - cx.nan_to_num(0.0)[..., None])[..., None, :] / rx.nan_to_num(1.0).clamp_min(
+        0.5)[..., None, None]  # (B, K, 1, W)
+    dy = (grid - cy.nan_to_num(0.0)[..., None])[..., :, None] / ry.nan_to_num(1.0).clamp_min(
+        0.5)[..., None, None]  # (B, K, H, 1)
+    ax, ay = dx.abs(), dy.abs()
+    sphere = torch.sqrt(dx ** 2 + dy ** 2)
+    cube = torch.maximum(ax / CUBE_BOX[0], ay / CUBE_BOX[1])
+    cylinder = torch.minimum(torch.maximum(ax, ay / CYL_SIDE),
+                             torch.sqrt(dx ** 2 + ((ay - CYL_SIDE) / CYL_CAP) ** 2))
+    rho = torch.stack([cube, sphere, cylinder], 2)  # (B, K, 3, H, W), dataloader.SHAPES order
+    rho = rho.gather(2, shape.clamp(0, 2)[..., None, None, None].expand(
+        -1, -1, 1, *rho.shape[-2:]))[:, :, 0]
+    return ((1 - rho) * r + 0.5).clamp(0.0, 1.0)  # rho = 1 on the outline, 0.5 there
 
 
 def placed_layout(k, seed, size):

@@ -29,8 +29,8 @@ from PIL import Image  # noqa: E402
 from torchvision.utils import make_grid  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from dataloader import (OBJECTS, ROOT, TEST_JSONS, DataError, _rel, encode,  # noqa: E402
-                        encode_batch, load_conditions, load_json, parse_placed_labels,
+from dataloader import (OBJECTS, ROOT, TEST_JSONS, DataError, _rel, computes_bf16,  # noqa: E402
+                        encode, encode_batch, load_conditions, load_json, parse_placed_labels,
                         resolve_device, run_cli, speed_up_cuda, to_uint8)
 from model import (EMA_DIR, MODEL_DIR, RUNS_DIR, SCHEDULER_DIR, WEIGHTS_DIR,  # noqa: E402
                    derive_seed, is_weights_dir, list_checkpoints, load_weights,
@@ -128,8 +128,7 @@ def use_bf16(precision, device):
                         f"{precision!r}")
     if precision != "auto":
         return precision == "bf16"
-    return device.type == "cuda" or (device.type == "cpu"
-                                     and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return computes_bf16(device)
 
 
 def _sample_batch(model, y, layout, gens, sampler, steps, guidance, scheduler_config,

@@ -53,7 +53,8 @@ def main():
     judge = evaluation_model(device=device)
     labels = encode_batch(validation_conditions(args.conditions), "validation conditions")
     out = ROOT / "results" / f"guidance-{device_tag(device)}.json"
-    res = {"bench": "guidance", "checkpoint": _rel(ckpt), "device": str(device),
+    res = {"bench": "guidance", "checkpoint": _rel(ckpt),
+           "weights_of": sample.sample_config(ckpt).get("speedrun"), "device": str(device),
            "versions": {"python": platform.python_version(), "torch": torch.__version__},
            "command": command_line(), "sampler": "dpm++", "steps": 25, "seed": args.seed,
            "conditions": args.conditions, "objects": int(labels.sum()), "settings": {}}

@@ -72,7 +72,8 @@ def main():
         "generated at the placed layouts": (at_placed, placed),
         "generated from the prior's layouts": (from_prior, prior),
     }
-    res = {"bench": "layout_fidelity", "checkpoint": _rel(ckpt), "device": str(device),
+    res = {"bench": "layout_fidelity", "checkpoint": _rel(ckpt),
+           "weights_of": sample.sample_config(ckpt).get("speedrun"), "device": str(device),
            "versions": {"python": platform.python_version(), "torch": torch.__version__},
            "command": command_line(), "sampler": "dpm++", "steps": 25, "guidance": guidance,
            "seed": args.seed, "conditions": len(conds), "objects": int(labels.sum()),

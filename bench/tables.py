@@ -25,9 +25,12 @@ def misses(r):
     m = r.get("misses_all_seeds")
     if not m:
         return ""
-    total = {k: sum(f[k] for f in m.values()) for k in next(iter(m.values()))}
-    return ("{wrong_shape} / {wrong_color} / {neither}; {more_objects} / {fewer_objects}"
-            .format(**total))
+    return miss_text({k: sum(f[k] for f in m.values()) for k in next(iter(m.values()))})
+
+
+def miss_text(m):
+    """evaluator.miss_kinds counts -> 'shape / color / neither; too many / too few'."""
+    return "{wrong_shape} / {wrong_color} / {neither}; {more_objects} / {fewer_objects}".format(**m)
 
 
 def fd(r):
@@ -84,11 +87,22 @@ CONDITIONING = {"ground": "spatial label maps + label vector (grounded)",
                 "concat-cpu": "the seed report's constant label map"}
 
 
+# Results files written before the benches recorded which weights they scored
+# (`weights_of`), and the results file of the weights they scored.
+EARLIER_WEIGHTS = {"guidance-cpu.json": "results/speedrun-h200.json"}
+
+
+def weights(r, path):
+    """'`weights/ddpm` (the weights of results/X.json)': which weights a results file scored."""
+    of = r.get("weights_of") or EARLIER_WEIGHTS.get(path.name)
+    return f"`{r['checkpoint']}`" + (f" (the weights of `{of}`)" if of else "")
+
+
 def fidelity_table():
     """bench/bench_layout_fidelity.py: are the objects where they were placed?"""
     for path in sorted(RESULTS.glob("layout-fidelity-*.json")):
         r = json.loads(path.read_text())
-        print(f"### Layout fidelity (`bench/bench_layout_fidelity.py`), `{r['checkpoint']}`, "
+        print(f"### Layout fidelity (`bench/bench_layout_fidelity.py`), {weights(r, path)}, "
               f"{r['conditions']} validation conditions ({r['objects']} objects), "
               f"{r['sampler']} {r['steps']}, guidance {r['guidance']}\n")
         row("images", "objects where they were placed", "judge accuracy", "file")
@@ -154,6 +168,11 @@ def headline_table():
     print()
 
 
+# Speedrun results files that are not full speedruns: short GPU ablations, the CPU side by side,
+# and the CPU recipe replayed on a GPU (lever_table).
+SIDE_RUNS = ("-short", "-compare-", "-cpubudget-")
+
+
 def speedrun_table():
     print("### Speedrun (`speedrun.py`), accuracy by the shipped judge, 5 seeds, one checkpoint\n")
     row("device", "training", "images/s", "sampler", "guidance", "test.json", "new_test.json",
@@ -163,7 +182,7 @@ def speedrun_table():
     row(*["---"] * 12)
     for path in sorted(RESULTS.glob("speedrun-*.json")):
         r = json.loads(path.read_text())
-        if "accuracy_mean" not in r or "-short" in path.name or "-compare-" in path.name:
+        if "accuracy_mean" not in r or any(k in path.name for k in SIDE_RUNS):
             continue
         m, s = r["accuracy_mean"], r["accuracy_std"]
         row(r["device"], f"{r['train_minutes']} min, {r['steps']} steps",
@@ -186,7 +205,7 @@ KNOBS = {"preset": "preset", "fg_weight": "object weight", "prediction_type": "p
          "snr_gamma": "min-SNR",
          "lr": "lr", "batch_size": "batch", "ema_decay": "EMA", "cond_drop": "cond drop",
          "cuda_graph": "CUDA graph", "channels_last": "channels_last", "compile": "compile",
-         "mixed_precision": "precision"}
+         "mixed_precision": "precision", "t_sampling": "timesteps"}
 
 
 def knobs(cfg):
@@ -197,7 +216,8 @@ def recipe_config():
     """train_config of the newest full (not --short) speedrun: the recipe as it stands. None
     while no full speedrun says when it was written (`written_at`, since 2026-11-27)."""
     dated = [r for p in RESULTS.glob("speedrun-*.json")
-             if "-short" not in p.name and "written_at" in (r := json.loads(p.read_text()))]
+             if not any(k in p.name for k in SIDE_RUNS)
+             and "written_at" in (r := json.loads(p.read_text()))]
     return max(dated, key=lambda r: r["written_at"])["train_config"] if dated else None
 
 
@@ -254,10 +274,88 @@ def ablation_table():
         print()
 
 
+def lever_table():
+    """The CPU recipe's levers replayed on a GPU at the CPU's budget (bench/gpu_cpu_budget.sh):
+    one row per run, the change against the `base` run, chosen on the validation sweep."""
+    runs = {p.stem.split("-cpubudget-")[1]: (p, json.loads(p.read_text()))
+            for p in sorted(RESULTS.glob("speedrun-*-cpubudget-*.json"))}
+    if "base" not in runs:
+        return
+    base = runs.pop("base")
+    print(f"### Levers of the CPU recipe at the CPU's budget (`bench/gpu_cpu_budget.sh`: "
+          f"`speedrun.py --recipe cpu` on {base[1]['device']}, side by side)\n")
+    row("run", "change", "steps of 32", "validation accuracy, best guidance", "guidance sweep",
+        "validation during training (128 conditions, w 3)", "test.json", "new_test.json",
+        "FD test / new_test", "file")
+    row(*["---"] * 10)
+    bcfg = base[1]["train_config"]
+    for name, (path, r) in [("base", base), *runs.items()]:
+        cfg = r["train_config"]
+        change = ", ".join(f"{label} {cfg.get(k)}" for k, label in KNOBS.items()
+                           if cfg.get(k) != bcfg.get(k) and k not in ("seed",))
+        if cfg.get("seed") != bcfg.get("seed"):
+            change += f", training seed {cfg['seed']}"
+        sweep = r["guidance_sweep_validation"]
+        m, s = r["accuracy_mean"], r["accuracy_std"]
+        n = len(r["accuracy"]["test"])
+        row(name, change.strip(", ") or "(reference)",
+            f"{r['steps'] * cfg['batch_size'] // 32}", f"{sweep[str(r['guidance'])]:.4f} "
+            f"(w {r['guidance']:g})", " ".join(f"{v:.3f}@{g}" for g, v in sweep.items()),
+            curve(r), f"{m['test']:.4f} ± {s['test']:.4f} ({n} seeds)",
+            f"{m['new_test']:.4f} ± {s['new_test']:.4f}", fd(r) if "fd" in r else "",
+            f"`results/{path.name}`")
+    print()
+
+
+def condition_sets_table():
+    """bench/bench_conditions.py: accuracy per condition set, by number of objects and by image
+    row, then the shape confusion pooled over the two benchmark files; one block per file."""
+    for path in sorted(RESULTS.glob("conditions-*.json")):
+        r = json.loads(path.read_text())
+        print(f"### Condition sets (`bench/bench_conditions.py`), `{r['checkpoint']}`"
+              f"{' (' + r['label'] + ')' if r.get('label') else ''}, "
+              f"{len(r['seeds'])} seeds, `results/{path.name}`\n")
+        row("set", "accuracy", "by number of objects", "far / middle / near objects (rows "
+            f"< {r['row_edges_px'][0]:g}, between, >= {r['row_edges_px'][1]:g})")
+        row(*["---"] * 4)
+        for name, v in r["sets"].items():
+            rows = " / ".join(f"{d['accuracy']:.3f}" for d in v["by_row"].values())
+            row(name, f"{v['accuracy_mean']:.4f} ± {v['accuracy_std']:.4f}",
+                by_objects(v["by_objects"]), rows)
+        print()
+        bench = [v for k, v in r["sets"].items() if k in ("test", "new_test")]
+        if not bench:
+            continue
+        print("Shape drawn for the shape asked (test.json and new_test.json, all seeds; "
+              "'none': no object of its color found):\n")
+        drawn = list(bench[0]["shape_confusion"]["cube"])
+        row("asked \\ drawn", *drawn)
+        row(*["---"] * (1 + len(drawn)))
+        for asked in bench[0]["shape_confusion"]:
+            row(asked, *(sum(v["shape_confusion"][asked][d] for v in bench) for d in drawn))
+        print()
+
+
+def apart_table():
+    """bench/bench_apart.py: layouts drawn apart against any training layout."""
+    for path in sorted(RESULTS.glob("layout-apart-*.json")):
+        r = json.loads(path.read_text())
+        print(f"### Layouts apart (`bench/bench_apart.py`), `{r['checkpoint']}`, "
+              f"{r['conditions']} validation conditions x {len(r['seeds'])} seeds, "
+              f"guidance {r['guidance']}\n")
+        row("layouts drawn from the prior", "accuracy per seed", "by number of objects",
+            "misses: shape / color / neither; too many / too few objects", "file")
+        row(*["---"] * 5)
+        for mode, v in r["modes"].items():
+            row(mode, " / ".join(f"{a:.4f}" for a in v["accuracy"]), by_objects(v["by_objects"]),
+                miss_text(v["misses"]), f"`results/{path.name}`")
+        print()
+
+
 def guidance_table():
     for path in sorted(RESULTS.glob("guidance-*.json")):
         r = json.loads(path.read_text())
-        print(f"### Where guidance helps (`bench/bench_guidance.py`), `{r['checkpoint']}`, "
+        print(f"### Where guidance helps (`bench/bench_guidance.py`), {weights(r, path)}, "
               f"{r['conditions']} validation conditions ({r['objects']} objects), "
               f"{r['sampler']} {r['steps']} steps\n")
         row("setting", "guidance", "guided timesteps", "accuracy", "by number of objects",
@@ -379,8 +477,9 @@ RESULTS_INTRO = """# Results
 Every table here is written by `python bench/tables.py --write` from the files in `results/`;
 a test checks that this page is what it writes. The files name the command that made them.
 """
-TABLES = (speedrun_table, compare_table, fidelity_table, layout_estimate_table, ablation_table,
-          guidance_table, judge_table, judge_resolution_table, speed_table, robustness_table)
+TABLES = (speedrun_table, condition_sets_table, lever_table, apart_table, compare_table,
+          fidelity_table, layout_estimate_table, ablation_table, guidance_table, judge_table,
+          judge_resolution_table, speed_table, robustness_table)
 
 
 def captured(*functions):

@@ -4,6 +4,8 @@ import json
 import subprocess
 import sys
 import zipfile
+
+import torch
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -158,3 +160,47 @@ def test_results_page_and_readme_table_are_what_tables_py_writes():
     # the headline quotes the shipped model's own results file
     assert json.loads((ROOT / "weights" / "ddpm" / "sample_config.json").read_text())[
         "speedrun"] in headline
+
+def test_condition_sets_are_what_the_script_makes_and_follow_their_rules(tmp_path):
+    import dataloader as dl
+    import make_condition_sets
+
+    p = subprocess.run([sys.executable, str(ROOT / "bench" / "make_condition_sets.py"), "--out",
+                        str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    sets = {}
+    for name in make_condition_sets.SETS:  # the committed files are the script's, byte for byte
+        committed = ROOT / "bench" / "conditions" / f"{name}.json"
+        assert committed.read_bytes() == (tmp_path / f"{name}.json").read_bytes(), name
+        sets[name] = dl.load_conditions(committed)
+    seen = {frozenset(v) for v in dl.load_spec(dl.TRAIN_JSON).values()}
+    colors = lambda c: [x.split()[0] for x in c]  # noqa: E731
+    shapes = lambda c: [x.split()[1] for x in c]  # noqa: E731
+    assert all(len(c) in (2, 3) and frozenset(c) not in seen for c in sets["unseen"])
+    assert all(len(set(c)) == 4 for c in sets["four"])
+    assert all(max(colors(c).count(x) for x in colors(c)) >= 2 for c in sets["same_color"])
+    assert {max(colors(c).count(x) for x in colors(c)) for c in sets["same_color"]} == {2, 3}
+    assert all(max(shapes(c).count(x) for x in shapes(c)) == 2 for c in sets["same_shape"])
+    assert all(len(v) == 64 and len({frozenset(c) for c in v}) == 64 for v in sets.values())
+
+
+def test_condition_bench_pairs_missed_objects_with_what_was_drawn():
+    import bench_conditions
+
+    # image 0: red cube asked, drawn as a red sphere; blue sphere found. Image 1: the far green
+    # cylinder missing with nothing of its color found; the near one found.
+    rows = [{"labels": ["red cube", "blue sphere"], "missing": ["red cube"],
+             "extra": ["red sphere"], "correct": 1, "total": 2},
+            {"labels": ["green cylinder", "gray cube"], "missing": ["green cylinder"],
+             "extra": ["yellow sphere"], "correct": 1, "total": 2}]
+    from dataloader import OBJECTS
+
+    at = lambda label, x, y: [float(OBJECTS[label]), x, y, 3.0, 3.0]  # noqa: E731
+    layouts = torch.tensor([[at("red cube", 10, 40), at("blue sphere", 30, 29)],
+                            [at("green cylinder", 20, 20), at("gray cube", 40, 36)]])
+    recs = bench_conditions.object_records(rows, layouts, list(bench_conditions.ROW_EDGES))
+    assert recs == [("red cube", "sphere", "near"), ("blue sphere", "sphere", "middle"),
+                    ("green cylinder", "none", "far"), ("gray cube", "cube", "near")]
+    part = bench_conditions.summarize([0.5], rows, recs)
+    assert part["shape_confusion"]["cube"] == {"cube": 1, "sphere": 1, "cylinder": 0, "none": 0}
+    assert part["by_row"]["near"] == {"correct": 1, "total": 2, "accuracy": 0.5}

@@ -29,7 +29,9 @@ from sample import SAMPLERS, generate, load_model  # noqa: E402
 import sample  # noqa: E402
 import train  # noqa: E402
 
-TINY = ["--preset", "tiny", "--batch-size", "4", "--log-every", "1", "--warmup-steps", "2"]
+TINY_MODEL = ["--preset", "tiny", "--batch-size", "4", "--log-every", "1", "--warmup-steps", "2"]
+# --max-minutes 0: no time budget, so the LR schedule follows the steps alone (deterministic)
+TINY = [*TINY_MODEL, "--max-minutes", "0"]
 
 
 # One thread per process: on a shared 2-core machine, OpenMP threads spinning against other jobs
@@ -361,11 +363,18 @@ def test_speedrun_recipe_yields_to_user_flags(runs, monkeypatch):
         ["--ddpm-baseline", "--cuda-graph"], ["--ddpm-baseline", "3"])] == [1000, 3]
     cfg = train.parse_args(speedrun.train_flags("r", 2.0, "cpu", rest))
     assert (cfg.lr, cfg.preset, cfg.lr_by_time) == (1e-3, "fast", False)  # the user's
-    # the CPU recipe's: a small batch, bf16 autocast
+    # the CPU recipe's: a small batch, bf16 autocast where the CPU computes it
     assert (cfg.batch_size, cfg.warmup_steps, cfg.max_minutes) == (32, 200, 2.0)
-    assert cfg.mixed_precision == "bf16" and not cfg.cuda_graph  # on the CPU: no graph
-    assert train.parse_args([]).preset == "ground"
-    assert train.parse_args(speedrun.train_flags("r", 2.0, "cpu", [])).preset == "ground"
+    assert cfg.mixed_precision == "auto" and not cfg.cuda_graph  # on the CPU: no graph
+    # `python train.py` trains what the CPU speedrun trains: the shipped model's recipe
+    assert train.parse_args(speedrun.train_flags("r", 40.0, "cpu", [])) == train.parse_args(
+        ["--run-name", "r", "--device", "cpu"])
+    assert (train.parse_args([]).preset, train.parse_args([]).max_minutes) == ("ground-shape", 40)
+    # --recipe cpu on a GPU replays the CPU recipe (ablations at the CPU's budget)
+    monkeypatch.setattr(speedrun.dl, "resolve_device", lambda d: torch.device("cuda"))
+    assert train.parse_args(speedrun.train_flags("r", 2.0, "cuda", [], recipe="cpu")) == \
+        train.parse_args(["--run-name", "r", "--max-minutes", "2.0", "--device", "cuda"])
+    monkeypatch.undo()
     # resuming a run keeps its own recipe (run a: tiny, batch 4), not RECIPE; the budget is new
     cfg = train.parse_args(speedrun.train_flags("a", 3.0, "cpu", ["--resume", "latest",
                                                                  "--runs-dir", str(runs)]))
@@ -385,7 +394,8 @@ def test_speedrun_end_to_end(data, tmp_path):
     issue 5 asks for and the wall time of each stage."""
     p = run("speedrun.py", "--minutes", 0.01, "--seeds", 0, 1, "--steps", 2, "--val-conditions",
             4, "--guidance-grid", 1, 3, "--ddpm-baseline", 2, "--results-dir", tmp_path,
-            "--device", "cpu", *TINY, *data, "--runs-dir", tmp_path / "runs", "--warmup-steps", 1,
+            "--device", "cpu", *TINY_MODEL, *data, "--runs-dir", tmp_path / "runs",
+            "--warmup-steps", 1,
             cwd=tmp_path, timeout=600)
     r = json.loads((tmp_path / "speedrun-cpu.json").read_text())
     # the number an ablation is judged by, printed where a GPU call's output ends
@@ -429,7 +439,7 @@ def test_slow_device_says_when_the_first_status_line_comes(data, tmp_path):
             "--max-minutes", 0.03, "--runs-dir", tmp_path, "--device", "cpu", cwd=tmp_path)
     assert re.search(r"s/step on cpu: the next status line comes at step 100000, in about ",
                      p.stdout), p.stdout
-    assert "try --preset tiny" not in p.stdout  # it is tiny already
+    assert "quick CPU demo" not in p.stdout  # it is tiny already, and has a time budget
 
 
 def test_fg_weight_loss_is_a_weighted_pixel_mean():
@@ -548,10 +558,11 @@ def test_two_process_training(data, tmp_path):
     log = train._read_log(tmp_path / "ddp" / "log.jsonl")
     ev = next(r for r in log if "eval_val_acc" in r)  # the split covers all 1-3-object kinds
     assert ev["step"] == 3 and sorted(ev["eval_val_by_objects"]) == ["1", "2", "3"]
-    # every one of the 128 validation conditions, grouped by how many objects it asks for,
-    # and the logged accuracy is the pooled hits over labels of the groups
+    # every one of the validation conditions (--eval-conditions), grouped by how many objects
+    # it asks for, and the logged accuracy is the pooled hits over labels of the groups
     by_k = ev["eval_val_by_objects"]
-    kinds = {str(k): sum(len(c) == k for c in validation_conditions(128)) for k in (1, 2, 3)}
+    conds = validation_conditions(train.TrainConfig().eval_conditions)
+    kinds = {str(k): sum(len(c) == k for c in conds) for k in (1, 2, 3)}
     assert {k: d["images"] for k, d in by_k.items()} == kinds
     assert all(d["total"] == int(k) * d["images"] for k, d in by_k.items())
     assert all(d["accuracy"] == round(d["correct"] / d["total"], 4) for d in by_k.values())
@@ -598,3 +609,14 @@ def test_train_and_sample_xattn_preset(data, tmp_path):
     pngs = torch.stack([read_png(out / f"custom_{i}.png") for i in range(2)])
     assert_same_pixels(pngs, want, "xattn custom")
     assert torch.equal(grid_tiles(out / "custom_grid.png", 2), pngs)
+
+
+def test_logit_normal_timesteps_favour_the_middle():
+    cfg = train.TrainConfig(t_sampling="logit-normal", batch_size=4000)
+    gen = torch.Generator().manual_seed(0)
+    t = train.draw_timesteps(cfg, 4000, gen)
+    assert t.min() >= 0 and t.max() < cfg.num_train_timesteps
+    middle = ((t >= 250) & (t < 750)).float().mean()
+    assert 0.7 < middle < 0.8  # sigmoid(N(0, 1)) in (0.25, 0.75): 0.73; uniform: 0.5
+    u = train.draw_timesteps(train.TrainConfig(), 4000, gen)
+    assert 0.45 < ((u >= 250) & (u < 750)).float().mean() < 0.55

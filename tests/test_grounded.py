@@ -21,13 +21,14 @@ from dataloader import (OBJECTS, DataError, ICLEVRDataset, encode, encode_batch,
                         layout_path, layout_tensor, load_conditions, load_image, load_json,
                         parse_labels, parse_placed_labels, repo_path, to_uint8)
 from evaluate import color_palette, layout_fidelity  # noqa: E402
+import model as model_lib  # noqa: E402
 from model import (WEIGHTS_DIR, build_model, is_weights_dir, load_weights,  # noqa: E402
                    placed_layout)
 from sample import generate, load_model  # noqa: E402
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 TINY = ["--preset", "tiny-ground", "--batch-size", "4", "--log-every", "1", "--warmup-steps",
-        "1", "--device", "cpu"]
+        "1", "--device", "cpu", "--max-minutes", "0"]
 
 
 def run(script, *args, cwd, expect=0):
@@ -258,3 +259,48 @@ def test_shipped_weights_make_the_images_their_results_file_scored():
         assert diff.max() <= 2 and diff.float().mean() < 0.3, (
             f"{path.relative_to(ROOT)}: {diff.max()} levels apart at most, "
             f"{diff.float().mean():.3f} on average")
+
+
+def test_shape_maps_draw_each_shape_as_its_silhouette():
+    """map_style "shape" (the recipe's preset): a sphere's map is a disc, a cube's a box that
+    fills the corners a disc leaves out, a cylinder's taller than a sphere of the same radius;
+    0.5 on the outline, an edge about one pixel wide, and the color channel holds the same."""
+    m = build_model("tiny-ground", map_style="shape")
+    r = 8.0  # centres on pixel centres (x.5), so pixel i + 0.5 lies (i + 0.5 - c) / r radii off
+    objs = [("red cube", 16.5), ("red sphere", 32.5), ("red cylinder", 48.5)]
+    layout = torch.tensor([[[OBJECTS[n], x, 32.5, r, r] for n, x in objs]])
+    maps = m.label_maps(layout, 1, "cpu")[0]
+    cube, sphere, cyl = maps[8], maps[9], maps[10]
+    # pixels (0.75 r, 0.75 r) from the centre: inside the box (0.85 x 1.0), outside the disc
+    assert cube[32 - 6, 16 - 6] == 1 and sphere[32 - 6, 32 - 6] < 0.05
+    # 1.125 r above the centre: only the cylinder (side 0.88 r + cap 0.47 r) reaches there
+    assert cyl[32 - 9, 48] == 1 and sphere[32 - 9, 32] == 0 and cube[32 - 9, 16] == 0
+    assert sphere[32, 32 + 8] == pytest.approx(0.5, abs=1e-5)  # the outline
+    ramp = sphere[32, 32:44]
+    assert ((ramp > 0.05) & (ramp < 0.95)).sum() == 1  # a one-pixel edge, not a blur
+    torch.testing.assert_close(maps[1], maps[8:].amax(0))  # the red channel: all three
+    assert maps[[0, 2, 3, 4, 5, 6, 7]].abs().max() == 0
+    gauss = build_model("tiny-ground").label_maps(layout, 1, "cpu")[0]  # the same blob for all
+    torch.testing.assert_close(gauss[8][:, 4:29], gauss[9][:, 20:45])  # around each centre
+
+
+def test_layouts_drawn_apart():
+    """model.apart: outline boxes (half-width rx, half-height 1.35 ry) must not overlap;
+    draw_layouts(apart_only=True) takes only such training layouts, by default any."""
+    nan = float("nan")
+    lay = torch.tensor([[[10.0, 30.0, 3.0, 4.0], [15.0, 30.0, 3.0, 4.0], [nan] * 4],   # 5 < 6 px
+                        [[10.0, 30.0, 3.0, 4.0], [17.0, 30.0, 3.0, 4.0], [nan] * 4],   # 7 > 6 px
+                        [[10.0, 20.0, 3.0, 4.0], [12.0, 31.0, 3.0, 4.0], [nan] * 4],   # 11 > 10.8
+                        [[10.0, 20.0, 3.0, 4.0], [12.0, 30.0, 3.0, 4.0], [nan] * 4]])  # 10 < 10.8
+    assert model_lib.apart(lay).tolist() == [False, True, True, False]
+    m = build_model("tiny-ground")
+    cls = torch.where(lay[..., :1].isnan(), -1.0, 0.0)
+    m.set_layout_prior(torch.cat([cls, lay], -1))
+    labels = encode_batch([["red cube", "blue sphere"]] * 40)
+    gens = [torch.Generator().manual_seed(i) for i in range(40)]
+    drawn = m.draw_layouts(labels, gens, apart_only=True)
+    assert model_lib.apart(drawn[..., 1:]).all()  # only rows 1 and 2 of the prior
+    assert {round(float(d[:, 1].max() - d[:, 1].min())) for d in drawn} == {7, 2}
+    gens = [torch.Generator().manual_seed(i) for i in range(40)]
+    drawn = m.draw_layouts(labels, gens)  # all four rows
+    assert {round(float(d[:, 1].max() - d[:, 1].min())) for d in drawn} == {5, 7, 2}

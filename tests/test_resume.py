@@ -20,7 +20,7 @@ from dataloader import DataError  # noqa: E402
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 TINY = ["--preset", "tiny", "--batch-size", "4", "--log-every", "1", "--warmup-steps", "1",
-        "--device", "cpu"]
+        "--device", "cpu", "--max-minutes", "0"]
 # train.py with torch.save slowed down: after writing train_state.pt into a folder whose path
 # holds $PAUSE_AT, it touches $MARKER and sleeps, so a test can signal the process exactly
 # while a checkpoint is half-way to its final name.
