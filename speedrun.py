@@ -44,7 +44,9 @@ CPU_SAMPLING = {"val_conditions": 96, "guidance_grid": [1.0, 1.25, 1.5, 2.0]}
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    # allow_abbrev=False: a train.py flag that prefixes one of these (--seed, --seeds) must reach
+    # train.py, not be taken as an abbreviation
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--minutes", type=float, default=None,
                    help="training wall-clock budget (default: 10 on a GPU, 40 on a CPU, or 2 "

@@ -2,7 +2,8 @@
 under bench/conditions/ (the format of test.json: one label list per condition):
 
     unseen       2-3 distinct objects whose set no training image shows (train.json) and no
-                 benchmark file asks for
+                 benchmark file asks for (every pair of classes is in train.json, so these are
+                 all 3-object sets)
     four         4 distinct objects (the training images hold at most 3)
     same_color   2 or 3 objects sharing a color (half each), plus one other object for the 2s
                  half the time

@@ -1,7 +1,9 @@
 """Generated objects next to rendered ones, zoomed: the same conditions at the same positions.
 
     python bench/zoom_compare.py                                   # weights/ddpm
-    python bench/zoom_compare.py --before OLD_WEIGHTS_DIR          # adds a row for older weights
+    python bench/zoom_compare.py --name "shipped (ground-shape)" --before runs/weights-before \
+        --before-name "earlier (ground)"      # the picture in docs/; runs/weights-before holds
+                                              # weights/ddpm of commit 8bde776
 
 The first --conditions conditions of test.json are rendered (render.py, seed 0); their true
 layouts are what the grounded model is told, so each generated image should show the same
@@ -53,7 +55,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--checkpoint", type=Path, default=sample.WEIGHTS_DIR)
     ap.add_argument("--before", type=Path, default=None, help="older weights for a third row")
-    ap.add_argument("--before-name", default="before")
+    ap.add_argument("--name", default="shipped", help="the --checkpoint row's label")
+    ap.add_argument("--before-name", default="before", help="the --before row's label")
     ap.add_argument("--conditions", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="auto")
@@ -65,12 +68,10 @@ def main(argv=None):
     renders = render.render_tensor(spec, seed=args.seed, device=str(device)).cpu()
     layouts = layout_tensor(render.spec_layouts(spec, args.seed), spec)
     labels = encode_batch(conds, "test.json")
-    rows = {"rendered (render.py)": renders,
-            f"generated ({_rel(args.checkpoint)})": generated(args.checkpoint, labels, layouts,
-                                                              device, args.seed)}
+    rows = {"rendered": renders,
+            args.name: generated(args.checkpoint, labels, layouts, device, args.seed)}
     if args.before:
-        rows[f"generated ({args.before_name})"] = generated(args.before, labels, layouts,
-                                                            device, args.seed)
+        rows[args.before_name] = generated(args.before, labels, layouts, device, args.seed)
     n = len(conds)
     fig, axes = plt.subplots(len(rows), n, figsize=(1.9 * n, 2.15 * len(rows)), dpi=100,
                              squeeze=False)

@@ -359,6 +359,9 @@ def test_speedrun_recipe_yields_to_user_flags(runs, monkeypatch):
     assert args.short and args.seeds == [0] and rest == ["--lr", "1e-3", "--preset", "fast",
                                                          "--no-lr-by-time"]
     assert args.ddpm_baseline == 0  # off unless asked; 1000 steps when asked without a number
+    # train.py's --seed is not an abbreviation of speedrun.py's --seeds
+    own, passed = speedrun.parse_args(["--seed", "1"])
+    assert own.seeds == [0, 1, 2, 3, 4] and passed == ["--seed", "1"]
     assert [speedrun.parse_args(a)[0].ddpm_baseline for a in (
         ["--ddpm-baseline", "--cuda-graph"], ["--ddpm-baseline", "3"])] == [1000, 3]
     cfg = train.parse_args(speedrun.train_flags("r", 2.0, "cpu", rest))
