@@ -88,8 +88,7 @@ def train_flags(run_name, minutes, device, train_argv, recipe="auto"):
     run (--resume latest: one cut short by a time limit) keeps the recipe in its config.json,
     so RECIPE is left out; its --max-minutes counts the training time it already had."""
     resume = any(a == "--resume" or a.startswith("--resume=") for a in train_argv)
-    kind = dl.resolve_device(device).type if recipe == "auto" else {"gpu": "cuda"}.get(recipe,
-                                                                                     recipe)
+    kind = {"auto": dl.resolve_device(device).type, "gpu": "cuda", "cpu": "cpu"}[recipe]
     recipe = [] if resume else (RECIPE + GPU_RECIPE if kind == "cuda" else
                                 CPU_RECIPE if kind == "cpu" else RECIPE)
     return ["--run-name", run_name, "--max-minutes", str(minutes), "--device", str(device),

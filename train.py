@@ -32,9 +32,9 @@ import estimate_layouts
 from flags import config_parser, option
 import render
 from dataloader import (DATA_ROOT, TRAIN_JSON, DataError, ICLEVRDataset, _rel,
-                        computes_bf16, encode_batch, first_line, foreground_masks, is_synthetic_name,
-                        layout_path, load_json, load_spec, portable_path, repo_path,
-                        resolve_device, run_cli, speed_up_cuda, to_float, to_uint8,
+                        computes_bf16, encode_batch, first_line, foreground_masks,
+                        is_synthetic_name, layout_path, load_json, load_spec, portable_path,
+                        repo_path, resolve_device, run_cli, speed_up_cuda, to_float, to_uint8,
                         validation_conditions, write_json)
 from model import (EMA_DIR, MODEL_DIR, PRESETS, RUNS_DIR, SCHEDULER_DIR, build_model,
                    count_params, derive_seed, list_checkpoints, load_weights,
@@ -60,8 +60,8 @@ class TrainConfig:
     # The defaults are the shipped model's recipe (docs/grounded.md): the grounded model with
     # silhouette maps, object pixels weighted 3x, batch 32, a 40-minute budget whose cosine LR
     # ends with it, bf16 autocast where the device computes bf16.
-    preset: str = option("ground-shape", "model preset (model.PRESETS); a resumed run keeps its model",
-                         choices=list(PRESETS))
+    preset: str = option("ground-shape", "model preset (model.PRESETS); a resumed run keeps "
+                                         "its model", choices=list(PRESETS))
     num_train_timesteps: int = option(1000, "DDPM training timesteps")
     beta_schedule: str = option("squaredcos_cap_v2", "DDPM beta schedule (cosine by default)")
     prediction_type: str = option("v_prediction", "what the model predicts",

@@ -161,7 +161,8 @@ def headline_table():
     row(*["---"] * 7)
     preset = r["train_config"]["preset"]
     kind = " (grounded)" if preset.startswith("ground") else ""
-    row(f"`{preset}`{kind}, {r['sampler']} {r['sampler_steps']}, guidance {r['guidance']}", "2-core CPU" if r["device"] == "cpu" else r["device"],
+    row(f"`{preset}`{kind}, {r['sampler']} {r['sampler_steps']}, guidance {r['guidance']}",
+        "2-core CPU" if r["device"] == "cpu" else r["device"],
         f"{r['train_minutes']:.0f} min", f"{m['test']:.4f} ± {s['test']:.4f}",
         f"{m['new_test']:.4f} ± {s['new_test']:.4f}",
         f"{min(secs):.0f}-{max(secs):.0f} s per seed", f"`{shipped['speedrun']}`")
