@@ -33,7 +33,8 @@ def main(argv=None):
     judge = evaluation_model(device=device)
     labels = dl.encode_batch(dl.validation_conditions(args.conditions))
     res = {"device": dl.device_tag(device), "command": dl.command_line(),
-           "checkpoint": dl.portable_path(args.checkpoint), "conditions": args.conditions,
+           "checkpoint": dl.portable_path(args.checkpoint), "weights_of": cfg.get("speedrun"),
+           "conditions": args.conditions,
            "seeds": args.seeds, "guidance": cfg.get("guidance"), "modes": {}}
     for mode, apart_only in (("apart", True), ("any training layout", False)):
         rows, accs = [], []

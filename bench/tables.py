@@ -89,7 +89,8 @@ CONDITIONING = {"ground": "spatial label maps + label vector (grounded)",
 
 # Results files written before the benches recorded which weights they scored
 # (`weights_of`), and the results file of the weights they scored.
-EARLIER_WEIGHTS = {"guidance-cpu.json": "results/speedrun-h200.json"}
+EARLIER_WEIGHTS = {"guidance-cpu.json": "results/speedrun-h200.json",
+                   "layout-apart-cpu.json": "results/speedrun-cpu-shape-40min.json"}
 
 
 def weights(r, path):
@@ -341,7 +342,7 @@ def apart_table():
     """bench/bench_apart.py: layouts drawn apart against any training layout."""
     for path in sorted(RESULTS.glob("layout-apart-*.json")):
         r = json.loads(path.read_text())
-        print(f"### Layouts apart (`bench/bench_apart.py`), `{r['checkpoint']}`, "
+        print(f"### Layouts apart (`bench/bench_apart.py`), {weights(r, path)}, "
               f"{r['conditions']} validation conditions x {len(r['seeds'])} seeds, "
               f"guidance {r['guidance']}\n")
         row("layouts drawn from the prior", "accuracy per seed", "by number of objects",
