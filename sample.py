@@ -95,6 +95,15 @@ def sample_config(checkpoint):
     return load_json(path) if path.is_file() else {}
 
 
+def scored_settings(checkpoint):
+    """{"sampler", "steps", "guidance"} a checkpoint was scored with (sample_config), else the
+    defaults: what benches sample a checkpoint with."""
+    saved = sample_config(checkpoint)
+    sampler = saved.get("sampler", "dpm++")
+    return {"sampler": sampler, "steps": saved.get("steps", DEFAULT_STEPS[sampler]),
+            "guidance": saved.get("guidance", GUIDANCE)}
+
+
 def make_sampler(name, scheduler_config):
     """A sampling scheduler built from the training schedule's config (same betas, prediction)."""
     if name not in SAMPLERS:
@@ -220,9 +229,14 @@ def _layouts_for(model, labels, layouts, seed):
         return torch.zeros(len(labels), 0, 5)
     if layouts is not None:
         return torch.as_tensor(layouts, dtype=torch.float32)
-    # a generator of its own per image: the noise stays that of (seed, i) as for any model
+    return prior_layouts(model, labels, seed)
+
+
+def prior_layouts(model, labels, seed, apart_only=False):
+    """The layouts a grounded model draws from its prior for labels at seed: image i from a
+    generator of (seed, i) of its own, so the noise stays that of (seed, i) as for any model."""
     gens = [torch.Generator().manual_seed(derive_seed(seed, i, 1)) for i in range(len(labels))]
-    return model.draw_layouts(labels, gens)
+    return model.draw_layouts(labels, gens, apart_only=apart_only)
 
 
 # ---------------------------------------------------------------- writing

@@ -362,16 +362,16 @@ def open_run(cfg):
     """The run folder (the resumed one, the named one, or a timestamp agreed on by all ranks),
     Accelerate, and config.json written -> (acc, run_dir, checkpoint to resume or None). Fills
     in cfg's run name."""
-    device_kind = resolve_device(cfg.device).type
+    device = resolve_device(cfg.device)
     mp = cfg.mixed_precision if cfg.mixed_precision != "auto" else (
-        "bf16" if computes_bf16(resolve_device(cfg.device)) else "no")
+        "bf16" if computes_bf16(device) else "no")
     run_dir, ckpt = _find_resume(cfg) or (None, None)
     if run_dir is None and cfg.run_name:
         run_dir = repo_path(cfg.runs_dir) / cfg.run_name
     if run_dir is not None and not ckpt and list_checkpoints(run_dir):
         raise DataError(f"{_rel(run_dir)}: already has checkpoints; continue it with --resume "
                         "latest or pick another --run-name")
-    acc = Accelerator(cpu=device_kind == "cpu", mixed_precision=mp)
+    acc = Accelerator(cpu=device.type == "cpu", mixed_precision=mp)
     speed_up_cuda(acc.device)
     if cfg.resume and ckpt is None:
         acc.print(f"--resume {cfg.resume}: no checkpoint found, starting a new run")

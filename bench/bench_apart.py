@@ -12,10 +12,7 @@ import sys
 from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import torch  # noqa: E402
-
 import dataloader as dl  # noqa: E402
-import model  # noqa: E402
 import sample  # noqa: E402
 from evaluator import by_objects, evaluation_model, miss_kinds, per_image  # noqa: E402
 
@@ -29,24 +26,19 @@ def main(argv=None):
     args = ap.parse_args(argv)
     device = dl.resolve_device(args.device)
     net, sched_cfg = sample.load_model(args.checkpoint, device)
-    cfg = sample.sample_config(args.checkpoint)
+    cfg = sample.scored_settings(args.checkpoint)
     judge = evaluation_model(device=device)
     labels = dl.encode_batch(dl.validation_conditions(args.conditions))
     res = {"device": dl.device_tag(device), "command": dl.command_line(),
-           "checkpoint": dl.portable_path(args.checkpoint), "weights_of": cfg.get("speedrun"),
+           "checkpoint": dl.portable_path(args.checkpoint),
+           "weights_of": sample.sample_config(args.checkpoint).get("speedrun"),
            "conditions": args.conditions,
-           "seeds": args.seeds, "guidance": cfg.get("guidance"), "modes": {}}
+           "seeds": args.seeds, "guidance": cfg["guidance"], "modes": {}}
     for mode, apart_only in (("apart", True), ("any training layout", False)):
         rows, accs = [], []
         for seed in args.seeds:
-            # the generators sample.py draws a seed's layouts with (sample._layouts_for)
-            gens = [torch.Generator().manual_seed(model.derive_seed(seed, i, 1))
-                    for i in range(len(labels))]
-            layouts = net.draw_layouts(labels, gens, apart_only=apart_only)
-            images = sample.generate(net, labels, layouts=layouts, seed=seed,
-                                     sampler=cfg.get("sampler", "dpm++"),
-                                     steps=cfg.get("steps", 25),
-                                     guidance=cfg.get("guidance", sample.GUIDANCE),
+            layouts = sample.prior_layouts(net, labels, seed, apart_only=apart_only)
+            images = sample.generate(net, labels, layouts=layouts, seed=seed, **cfg,
                                      scheduler_config=sched_cfg, progress=False)
             scores = judge.scores(dl.to_float(dl.to_uint8(images)))
             accs.append(round(float(judge.compute_acc(scores, labels)), 4))

@@ -84,7 +84,7 @@ def score_set(net, sched_cfg, judge, conds, seeds, cfg, device, edges):
     labels = dl.encode_batch(conds)
     accs, rows, objects = [], [], []
     for seed in seeds:
-        layouts = sample._layouts_for(net, labels, None, seed)  # what generate would draw
+        layouts = sample.prior_layouts(net, labels, seed)  # what generate would draw
         images = sample.generate(net, labels, layouts=layouts, seed=seed, device=device,
                                  scheduler_config=sched_cfg, progress=False, **cfg)
         scores = judge.scores(dl.to_float(dl.to_uint8(images)))  # what a PNG would hold
@@ -97,7 +97,7 @@ def score_set(net, sched_cfg, judge, conds, seeds, cfg, device, edges):
 
 def main(argv=None):
     import sample
-    from evaluator import evaluation_model
+    from evaluator import by_objects_text, evaluation_model
 
     files = condition_files()
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -115,14 +115,13 @@ def main(argv=None):
     net, sched_cfg = sample.load_model(args.checkpoint, device)
     if not sample.is_grounded(net):
         raise dl.DataError(f"{dl._rel(args.checkpoint)}: needs a grounded model (layouts)")
-    saved = sample.sample_config(args.checkpoint)
-    cfg = {"sampler": saved.get("sampler", "dpm++"), "steps": saved.get("steps", 25),
-           "guidance": saved.get("guidance", sample.GUIDANCE)}
+    cfg = sample.scored_settings(args.checkpoint)
     judge = evaluation_model(device=device)
     edges = list(ROW_EDGES)
     result = {"device": dl.device_tag(device), "command": dl.command_line(),
               "checkpoint": dl.portable_path(args.checkpoint),
-              "label": args.label or f"the weights of {saved.get('speedrun', '?')}",
+              "label": args.label or "the weights of "
+                       f"{sample.sample_config(args.checkpoint).get('speedrun', '?')}",
               "sampling": cfg,
               "seeds": args.seeds, "row_edges_px": edges, "sets": {}}
     path = args.results_dir / f"conditions-{dl.device_tag(device)}{args.tag}.json"
@@ -131,8 +130,6 @@ def main(argv=None):
         part = score_set(net, sched_cfg, judge, dl.load_conditions(files[name]), args.seeds,
                          cfg, device, edges)
         result["sets"][name] = {**part, "seconds": round(time.time() - t, 1)}
-        from evaluator import by_objects_text
-
         print(f"{name:10s} {part['accuracy_mean']:.4f} +- {part['accuracy_std']:.4f} | "
               f"{by_objects_text(part['by_objects'], 4)} | rows " + ", ".join(
                   f"{r} {v['accuracy']:.3f}" for r, v in part["by_row"].items()), flush=True)

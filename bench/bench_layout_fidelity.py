@@ -65,7 +65,7 @@ def main():
     at_placed = to_uint8(sample.generate(model, labels, layouts=placed, **kw))
     seconds = time.time() - t0
     from_prior = to_uint8(sample.generate(model, labels, **kw))
-    prior = sample._layouts_for(model, labels, None, args.seed)
+    prior = sample.prior_layouts(model, labels, args.seed)
     rows = {
         "renders (ceiling)": (renders, placed),
         "renders vs other scenes' layouts (chance)": (renders, placed.roll(1, 0)),

@@ -38,11 +38,8 @@ def windows(images, layouts):
 
 def generated(checkpoint, labels, layouts, device, seed):
     model, sched_cfg = sample.load_model(checkpoint, device)
-    cfg = sample.sample_config(checkpoint)
     return to_uint8(sample.generate(model, labels, layouts=layouts, seed=seed,
-                                    sampler=cfg.get("sampler", "dpm++"),
-                                    steps=cfg.get("steps", 25),
-                                    guidance=cfg.get("guidance", sample.GUIDANCE),
+                                    **sample.scored_settings(checkpoint),
                                     scheduler_config=sched_cfg, progress=False, device=device))
 
 
