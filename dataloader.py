@@ -146,10 +146,11 @@ def parse_labels(text):
     return labels
 
 
-def parse_placed_labels(text, size=IMAGE_SIZE):
+def parse_placed_labels(text, size=IMAGE_SIZE, where="--labels"):
     """'red sphere@20,30, cyan cube@40,36' -> (labels, [(20.0, 30.0), (40.0, 36.0)]): x, y in
     pixels of the size x size image, origin top-left (a comma followed by a digit continues a
-    position). Without any @: (labels, None). Either every object has a position or none."""
+    position). Without any @: (labels, None). Either every object has a position or none.
+    where: what the errors name as the text's source (a flag, a field of a page)."""
     parts = [p.strip() for p in re.split(r",(?!\s*[-+.\d])", text) if p.strip()]
     names, positions = [], []
     for part in parts:
@@ -161,17 +162,17 @@ def parse_placed_labels(text, size=IMAGE_SIZE):
         try:
             x, y = (float(v) for v in pos.split(","))
         except ValueError:
-            raise DataError(f"--labels: position {pos.strip()!r} of {name.strip()!r}: expected "
+            raise DataError(f"{where}: position {pos.strip()!r} of {name.strip()!r}: expected "
                             "x,y in pixels, e.g. red sphere@20,30") from None
         if not (0 <= x < size and 0 <= y < size):
-            raise DataError(f"--labels: position {x:g},{y:g} of {name.strip()!r} is off the "
+            raise DataError(f"{where}: position {x:g},{y:g} of {name.strip()!r} is off the "
                             f"{size}x{size} image (x and y in [0, {size}))")
         positions.append((x, y))
-    check_labels(names, "--labels")
+    check_labels(names, where)
     placed = [p is not None for p in positions]
     if any(placed) and not all(placed):
         missing = [n for n, p in zip(names, positions) if p is None]
-        raise DataError(f"--labels: {', '.join(map(repr, missing))} has no position: place "
+        raise DataError(f"{where}: {', '.join(map(repr, missing))} has no position: place "
                         "every object (label@x,y) or none")
     return names, (positions if all(placed) else None)
 

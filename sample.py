@@ -196,7 +196,7 @@ def generate(model, labels, *, sampler="dpm++", steps=None, guidance=GUIDANCE, s
     labels = torch.as_tensor(labels, dtype=torch.float32)
     # One CPU generator per image: its noise depends on (seed, i) only, never on the batch.
     gens = [torch.Generator().manual_seed(derive_seed(seed, i)) for i in range(len(labels))]
-    layouts = _layouts_for(model, labels, layouts, seed)
+    layouts = layouts_for(model, labels, layouts, seed)
     images, xs, x0s = [], [], []
     for s in range(0, len(labels), batch_size):
         img, bx, bx0 = _sample_batch(model, labels[s:s + batch_size].to(device),
@@ -219,7 +219,7 @@ def is_grounded(model):
     return model.config.conditioning == "ground"
 
 
-def _layouts_for(model, labels, layouts, seed):
+def layouts_for(model, labels, layouts, seed):
     """The layouts a batch samples with: the given ones, the prior's (grounded models), or
     none (K = 0) for label-only models."""
     if not is_grounded(model):
@@ -230,6 +230,17 @@ def _layouts_for(model, labels, layouts, seed):
     if layouts is not None:
         return torch.as_tensor(layouts, dtype=torch.float32)
     return prior_layouts(model, labels, seed)
+
+
+def placed_layouts(model, labels, positions, n, where="the checkpoint"):
+    """Layouts (n, K, 5) that put label k at positions[k] (x, y in pixels) in each of n images,
+    as dataloader.parse_placed_labels reads them; None without positions (the prior's)."""
+    if positions is None:
+        return None
+    if not is_grounded(model):
+        raise DataError(f"--labels: positions (label@x,y) need a grounded model; {where} is "
+                        f"{model.config.conditioning!r}")
+    return model.place([OBJECTS[name] for name in labels], positions).repeat(n, 1, 1)
 
 
 def prior_layouts(model, labels, seed, apart_only=False):
@@ -254,18 +265,26 @@ def save_grid(images, path, nrow=8):
     save_png(make_grid(to_uint8(images), nrow=nrow, padding=2, pad_value=255), path)
 
 
+def process_strip(final, trajectory, frames=PROCESS_FRAMES, index=0):
+    """Denoising strip of image index (2 * frames, 3, H, W) from generate(...,
+    return_trajectory=True): x_t from noise to image on top, the model's x0 estimate below."""
+    steps = len(trajectory["x0"])
+    pick = np.linspace(0, steps, frames).round().astype(int).tolist()
+    # x0 estimate from each x_t, and the image itself at the end
+    x0 = torch.cat([trajectory["x0"][:, index], final[index:index + 1]])
+    return torch.cat([trajectory["x_t"][pick, index], x0[pick]])
+
+
 def save_process(model, out_dir, *, sampler, steps, guidance, seed, scheduler_config,
                  precision="auto", frames=PROCESS_FRAMES):
-    """Denoising strip: top row x_t from noise to image, bottom row the model's x0 estimate."""
+    """Denoising strip of PROCESS_LABELS (process_strip), as OUT/denoise_process.png."""
     steps = max(steps, frames - 1)  # enough states for the frames
     y = encode(PROCESS_LABELS)[None]
     final, traj = generate(model, y, sampler=sampler, steps=steps, guidance=guidance, seed=seed,
                            scheduler_config=scheduler_config, precision=precision,
                            return_trajectory=True, progress=False)
-    pick = np.linspace(0, steps, frames).round().astype(int).tolist()
-    x0 = torch.cat([traj["x0"][:, 0], final])  # x0 estimate from each x_t; the image at the end
-    strip = torch.cat([traj["x_t"][pick, 0], x0[pick]])
-    save_grid(strip, Path(out_dir) / "denoise_process.png", nrow=frames)
+    save_grid(process_strip(final, traj, frames), Path(out_dir) / "denoise_process.png",
+              nrow=frames)
 
 
 def main(argv=None):
@@ -330,13 +349,7 @@ def main(argv=None):
     out = args.out
     if custom:
         y = encode(custom)[None].repeat(args.num_images, 1)
-        layouts = None
-        if positions is not None:  # every image puts the objects where the user said
-            if not is_grounded(model):
-                raise DataError(f"--labels: positions (label@x,y) need a grounded model; "
-                                f"{_rel(ckpt)} is {model.config.conditioning!r}")
-            layouts = model.place([OBJECTS[n] for n in custom], positions)
-            layouts = layouts.repeat(args.num_images, 1, 1)
+        layouts = placed_layouts(model, custom, positions, args.num_images, _rel(ckpt))
         images = generate(model, y, batch_size=args.batch_size, layouts=layouts, **kw)
         for i, img in enumerate(to_uint8(images)):
             save_png(img, out / f"custom_{i}.png")
