@@ -5,7 +5,8 @@ from dataclasses import field, fields
 
 
 def option(default, help, **kw):
-    """A config field and its flag's help; choices=[...] limits the values."""
+    """A config field and its flag's help; choices=[...] limits the values. A tuple field is a
+    list of strings on the command line."""
     return field(default=default, metadata={"help": help, **kw})
 
 
@@ -23,6 +24,8 @@ def config_parser(cls, description, only_given=False, **kw):
         default = {} if only_given else {"default": f.default}
         if f.type is bool:
             ap.add_argument(flag, action=argparse.BooleanOptionalAction, help=text, **default)
+        elif f.type is tuple:  # a list of strings: --flag A B C
+            ap.add_argument(flag, nargs="*", type=str, help=text, **default)
         else:
             ap.add_argument(flag, type=f.type, choices=f.metadata.get("choices"), help=text,
                             **default)

@@ -119,6 +119,8 @@ def layout_estimate_table():
     (docs/layouts.md)."""
     for path in sorted(RESULTS.glob("layout-estimate-*.json")):
         r = json.loads(path.read_text())
+        if "rows" not in r:  # Blender renders: blender_layout_table
+            continue
         print(f"### Layouts estimated from images alone (`bench/bench_layout_estimate.py`), "
               f"{r['scenes']} scenes x {r['objects_per_scene']} steps\n")
         row("camera between steps", "images", "images skipped", "objects within 2 px",
@@ -378,7 +380,7 @@ def judge_table():
     row(*["---"] * 8)
     for path in sorted(RESULTS.glob("judge-*.json")):
         r = json.loads(path.read_text())
-        for split, m in r["metrics"].items():
+        for split, m in r.get("metrics", {}).items():
             row(r["device"], r["images_seen"], r["train_seconds"], split, m["images"],
                 f"{m['accuracy']:.4f}", f"{m['exact_topk']:.4f}", f"`results/{path.name}`")
     print()
@@ -473,6 +475,83 @@ def plot_curves(out):
     return out
 
 
+def blender_render_table():
+    """bench/bench_blender_render.py: what Blender's render size and samples cost and change."""
+    path = RESULTS / "blender-render-tradeoff.json"
+    if not path.is_file():
+        return
+    r = json.loads(path.read_text())
+    print(f"### Blender i-CLEVR: render size and samples per pixel "
+          f"(`bench/bench_blender_render.py`), {r['images']} images, 2 threads\n")
+    row("size", "samples per pixel", "s per image", "with placing", "RMS at 64x64 vs the lab's "
+        "320x240 at 128 (of 255)", "file")
+    row(*["---"] * 6)
+    for x in r["rows"]:
+        row(f"{x['width']}x{x['height']}", x["spp"], f"{x['s_per_image']:.2f}",
+            f"{x['s_per_image_overall']:.2f}", f"{x['rms_64']:.2f}", f"`results/{path.name}`")
+    print()
+
+
+def blender_layout_table():
+    """bench/bench_blender_layouts.py: estimate_layouts.py on Blender renders, true layouts."""
+    path = RESULTS / "layout-estimate-blender.json"
+    if not path.is_file():
+        return
+    r = json.loads(path.read_text())
+    print(f"### Layouts estimated from Blender renders (`bench/bench_blender_layouts.py`), "
+          f"{r['images']} images of `{r['data_root']}`, against Blender's true positions\n")
+    row("objects", "within 1 px", "within 2 px", "within 4 px", "objects", "images skipped",
+        "file")
+    row(*["---"] * 7)
+    groups = [("all", r)] + list(r["by_color"].items()) + list(r["by_step"].items())
+    for name, g in groups:
+        row(name, f"{g['within_1px']:.4f}", f"{g['within_2px']:.4f}", f"{g['within_4px']:.4f}",
+            g["objects"], r["images_skipped"] if g is r else "", f"`results/{path.name}`")
+    reasons = "; ".join(f"{n}: {why}" for why, n in r["skip_reasons"].items()) or "none"
+    print(f"\nMean error {r['mean_error_px']:.2f} px, largest {r['max_error_px']:.2f} px; "
+          f"skipped images: {reasons}.\n")
+
+
+def heldout_judges_table():
+    """bench/bench_judge_heldout.py: each judge on held-out scenes of both renderers."""
+    path = RESULTS / "heldout-judges.json"
+    if not path.is_file():
+        return
+    r = json.loads(path.read_text())
+    print(f"### Judges on held-out scenes of both renderers (`bench/bench_judge_heldout.py`): "
+          f"our renders ({r['val_scenes']} scenes x 5) and `{r['blender']}`\n")
+    splits = [k for k, v in next(iter(r["judges"].values())).items() if isinstance(v, dict)]
+    row("judge", *splits, "file")
+    row(*["---"] * (len(splits) + 2))
+    for name, j in r["judges"].items():
+        row(f"{name} (`{j['checkpoint']}`)", *(f"{j[s]['accuracy']:.4f}" for s in splits),
+            f"`results/{path.name}`")
+    print()
+
+
+def judges_benchmark_table():
+    """bench/bench_judges.py: the same generated images scored by each judge."""
+    paths = sorted(RESULTS.glob("judges-*.json"))
+    if not paths:
+        return
+    print("### One model, several judges (`bench/bench_judges.py`): both files, mean ± std "
+          "over 5 seeds, the same images for every judge\n")
+    row("model", "guidance", "judge", "test.json", "new_test.json",
+        "FD vs its training images (floor)", "file")
+    row(*["---"] * 7)
+    for path in paths:
+        r = json.loads(path.read_text())
+        fdt = r.get("fd_training_images")
+        for name, j in r["by_judge"].items():
+            m, s = j["accuracy_mean"], j["accuracy_std"]
+            row(f"`{r['checkpoint']}`", r["guidance"], f"{name} (`{r['judges'][name]}`)",
+                f"{m['test.json']:.4f} ± {s['test.json']:.4f}",
+                f"{m['new_test.json']:.4f} ± {s['new_test.json']:.4f}",
+                f"{fdt['fd']:.0f} ({fdt['floor']:.0f})" if fdt and fdt["judge"] == name else "",
+                f"`results/{path.name}`")
+    print()
+
+
 RESULTS_MD = ROOT / "docs" / "results.md"
 RESULTS_INTRO = """# Results
 
@@ -481,7 +560,8 @@ a test checks that this page is what it writes. The files name the command that 
 """
 TABLES = (speedrun_table, condition_sets_table, lever_table, apart_table, compare_table,
           fidelity_table, layout_estimate_table, ablation_table, guidance_table, judge_table,
-          judge_resolution_table, speed_table, robustness_table)
+          judge_resolution_table, blender_render_table, blender_layout_table,
+          heldout_judges_table, judges_benchmark_table, speed_table, robustness_table)
 
 
 def captured(*functions):

@@ -488,6 +488,38 @@ def test_train_judge_tiny_cpu_run(render, tmp_path):
     assert 0 <= acc <= 1
 
 
+def test_train_judge_on_folders_of_pngs_from_a_given_judge(fake_data, tmp_path):
+    """--data trains on folders of PNGs (the lab's format) alone (--train-scenes 0), --init
+    starts from a judge (fine-tuning), --held-out scores folders by number of objects."""
+    folder = fake_data[1]
+    data = tmp_path / "pngs"
+    data.mkdir()
+    for png in folder.glob("*.png"):
+        (data / png.name).write_bytes(png.read_bytes())
+    (data / "labels.json").write_text(Path(fake_data[3]).read_text())
+    start = tmp_path / "start"
+    torch.manual_seed(3)
+    evaluator.save_judge(evaluator.build_judge(), start)
+    out, res = tmp_path / "w", tmp_path / "r.json"
+    r = run("train_judge.py", "--train-scenes", 0, "--data", data, "--held-out", data,
+            "--init", start, "--lr", "1e-9", "--val-scenes", 2, "--bench-renders", 0,
+            "--steps", 2, "--batch-size", 4, "--device", "cpu", "--out", out, "--results", res,
+            "--log", tmp_path / "log.jsonl", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    report = json.loads(res.read_text())
+    assert "training: 12 images" in r.stdout  # the folder's 12 images, no renders
+    by_k = {k: m["images"] for k, m in report["metrics"].items() if k.startswith("pngs ")}
+    assert by_k == {"pngs 1-3 objects": 12}
+    # a learning rate of 1e-9 leaves the weights where --init put them (fp16 shards both)
+    got, want = evaluator.read_state_dict(out), evaluator.read_state_dict(start)
+    assert all(torch.allclose(got[k].float(), want[k].float(), atol=1e-3) for k in want
+               if "running" not in k and "num_batches" not in k)
+    p = run("train_judge.py", "--train-scenes", 0, "--device", "cpu", cwd=tmp_path)
+    assert p.returncode == 2
+    assert p.stderr.strip() == "error: --train-scenes: expected a positive integer (0 only with " \
+        "--data)"
+
+
 def test_train_judge_bad_flags():
     with pytest.raises(DataError, match="^--batch-size: expected a positive integer$"):
         train_judge.parse_args(["--batch-size", "0"])
