@@ -12,6 +12,10 @@ would clip them to white). 16-bit RGB ones are read at 8 bits.
 
     python evaluate.py                                    # images/test and images/new_test
     python evaluate.py --checkpoint checkpoint.pth --per-image --json results/eval.json
+    python evaluate.py --fd-reference /path/to/iclevr    # a model trained on the lab's images
+
+A model trained on other images than our renders is compared with its own training images
+(--fd-reference): against renders, its FD would measure the renderer's difference too.
 """
 import argparse
 import json
@@ -24,8 +28,8 @@ from pathlib import Path
 import torch
 
 from dataloader import (COLORS, IMAGE_SIZE, ROOT, TEST_JSONS, DataError, _rel, command_line,
-                        encode_batch, foreground_masks, load_conditions, read_image, run_cli,
-                        write_json)
+                        encode_batch, foreground_masks, load_conditions, load_image, load_spec,
+                        read_image, run_cli, to_float, write_json)
 from evaluator import (by_objects, by_objects_text, evaluation_model, frechet_distance,
                        miss_kinds, per_image)
 
@@ -110,6 +114,23 @@ def fd_floor(judge, conditions, per_condition=1, references=FD_RENDERS):
     return fd_against_renders(judge, renders, conditions, references)
 
 
+def fd_against_folder(judge, images, folder, spec_path, references=2000, seed=0):
+    """(FD, floor) for images of another data set than our renders (the lab's, Blender's): the
+    judge's features of images against `references` random training images of folder, and
+    that of as many other training images as images (roughly a perfect generator's; the
+    benchmark's conditions are not the training set's)."""
+    names = list(load_spec(spec_path))
+    pick = torch.randperm(len(names), generator=torch.Generator().manual_seed(seed)).tolist()
+    n = min(references, len(names) - len(images))
+    if n < len(images):
+        raise DataError(f"{_rel(spec_path)}: {len(names)} images, too few for an FD of "
+                        f"{len(images)} images (expected at least {2 * len(images)})")
+    ref, other = (judge.features(to_float(torch.stack(
+        [load_image(Path(folder) / names[i]) for i in part])))
+        for part in (pick[:n], pick[n:n + len(images)]))
+    return frechet_distance(judge.features(images), ref), frechet_distance(other, ref)
+
+
 def object_colors(images, layouts):
     """Mean RGB (N, K, 3) of the foreground pixels (dataloader.foreground_masks) inside each
     object's ellipse (x, y, rx, ry) of layouts (N, K, 5); NaN where there are none or no object."""
@@ -149,10 +170,12 @@ def layout_fidelity(images, layouts, palette):
     return float(hit[present].float().mean()) if present.any() else float("nan")
 
 
-def score_folder(judge, folder, conditions_path, fd=False, fd_renders=FD_RENDERS):
+def score_folder(judge, folder, conditions_path, fd=False, fd_renders=FD_RENDERS,
+                 fd_reference=None):
     """Score <folder>/<i>.png against condition i of conditions_path -> JSON-ready dict
     (accuracy, correct, total, misses (miss_kinds), per_image and, with fd=True, fd and
-    fd_floor)."""
+    fd_floor: against renders of the conditions, or with fd_reference=(folder, spec) against
+    those training images)."""
     conditions = load_conditions(conditions_path)
     images = load_folder(folder, len(conditions))
     rows = per_image(judge.scores(images), encode_batch(conditions, _rel(conditions_path)))
@@ -160,10 +183,24 @@ def score_folder(judge, folder, conditions_path, fd=False, fd_renders=FD_RENDERS
     result = {"conditions": _rel(conditions_path), "folder": _rel(folder),
               "accuracy": correct / total, "correct": correct, "total": total,
               "misses": miss_kinds(rows), "by_objects": by_objects(rows)}
-    if fd:
+    if fd and fd_reference:
+        result["fd"], result["fd_floor"] = fd_against_folder(judge, images, *fd_reference)
+        result["fd_reference"] = _rel(fd_reference[0])
+    elif fd:
         result["fd"] = fd_against_renders(judge, images, conditions, fd_renders)
         result["fd_floor"] = fd_floor(judge, conditions, 1, fd_renders)
     return {**result, "per_image": rows}
+
+
+def fd_reference(folder, spec=None):
+    """(folder, spec path) of --fd-reference: the spec given, else the folder's train.json or
+    labels.json."""
+    folder = Path(folder)
+    spec = Path(spec) if spec else next((folder / n for n in ("train.json", "labels.json")
+                                         if (folder / n).is_file()), None)
+    if spec is None:
+        raise DataError(f"{_rel(folder)}: no train.json or labels.json; pass --fd-spec")
+    return folder, spec
 
 
 def main(argv=None):
@@ -183,15 +220,23 @@ def main(argv=None):
                         "many renders of another seed")
     p.add_argument("--fd-renders", type=int, default=FD_RENDERS,
                    help="reference renders per condition (keep the default to compare runs)")
+    p.add_argument("--fd-reference", default=None,
+                   help="a model trained on other images than our renders (the lab's): FD "
+                        "against this folder of its training images instead of renders")
+    p.add_argument("--fd-spec", default=None,
+                   help="the spec of --fd-reference (default: its train.json, else labels.json)")
     args = p.parse_args(argv)
     if args.fd_renders < 1:
         raise DataError("--fd-renders: expected a positive integer")
+    reference = fd_reference(args.fd_reference, args.fd_spec) if args.fd_reference else None
 
     judge = evaluation_model(args.checkpoint, args.device)
     files = {}
     for cond in map(Path, args.conditions):
-        res = score_folder(judge, Path(args.images) / cond.stem, cond, args.fd, args.fd_renders)
-        fd = f"  fd {res['fd']:.2f} (renders: {res['fd_floor']:.2f})" if "fd" in res else ""
+        res = score_folder(judge, Path(args.images) / cond.stem, cond, args.fd, args.fd_renders,
+                           reference)
+        floor = "training images" if reference else "renders"
+        fd = f"  fd {res['fd']:.2f} ({floor}: {res['fd_floor']:.2f})" if "fd" in res else ""
         m = res["misses"]
         why = (f" | missed {m['missed']}: {m['wrong_shape']} wrong shape, {m['wrong_color']} "
                f"wrong color, {m['neither']} neither") if m["missed"] else ""

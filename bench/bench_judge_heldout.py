@@ -2,7 +2,7 @@
 and held-out Blender i-CLEVR scenes (bench/render_blender.sh), 1-3 and 4-5 objects, the lab's
 accuracy rule. Writes results/heldout-judges.json.
 
-    python bench/bench_judge_heldout.py     # the shipped judge, judge-mixed, judge-blender
+    python bench/bench_judge_heldout.py     # the shipped judge and weights/judge-blender
 """
 import argparse
 import platform
@@ -15,7 +15,7 @@ import train_judge  # noqa: E402
 from evaluator import evaluation_model  # noqa: E402
 
 ROOT = dl.ROOT
-JUDGES = ["shipped=weights/judge", "mixed=weights/judge-mixed", "blender=weights/judge-blender"]
+JUDGES = ["shipped=weights/judge", "blender=weights/judge-blender"]
 
 
 def main():

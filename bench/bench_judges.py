@@ -2,7 +2,7 @@
 accuracy rule, the same images for every judge. For models trained on other images than our
 renders (Blender i-CLEVR), the guidance scale is chosen on validation conditions with the judge
 --guidance-judge names, and FD is measured against a folder of training images instead of
-evaluate.py's renders. Writes results/judges-<tag>.json and seed 0's PNGs under
+evaluate.py's renders. Writes results/judges-<tag>.json and seed 0's PNGs and grids under
 results/judges-<tag>/.
 
     python bench/bench_judges.py --tag synthetic --fd-reference data/iclevr_syn --fd-spec train.json
@@ -21,27 +21,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import dataloader as dl  # noqa: E402
 import sample  # noqa: E402
 import speedrun  # noqa: E402
-from evaluator import evaluation_model, frechet_distance, miss_kinds, per_image  # noqa: E402
+import evaluate  # noqa: E402
+from evaluator import evaluation_model, miss_kinds, per_image  # noqa: E402
 from model import WEIGHTS_DIR, resolve_checkpoint  # noqa: E402
 
 ROOT = dl.ROOT
-JUDGES = ["shipped=weights/judge", "mixed=weights/judge-mixed", "blender=weights/judge-blender"]
-FD_IMAGES = 2000  # training images the FD reference and its floor take, each
-
-
-def fd_against_folder(judge, images, folder, spec_path, seed=0):
-    """FD (judge's features) of images against FD_IMAGES random training images of folder, and
-    that of as many other training images as images against them (a perfect generator's,
-    roughly: the benchmark's conditions are not the training set's)."""
-    spec = dl.load_spec(spec_path)
-    names = list(spec)
-    pick = torch.randperm(len(names), generator=torch.Generator().manual_seed(seed)).tolist()
-    n = min(FD_IMAGES, len(names) - len(images))
-    ref, other = (judge.features(dl.to_float(torch.stack(
-        [dl.load_image(Path(folder) / names[i]) for i in part])))
-        for part in (pick[:n], pick[n:n + len(images)]))
-    return (round(frechet_distance(judge.features(images), ref), 2),
-            round(frechet_distance(other, ref), 2))
+JUDGES = ["shipped=weights/judge", "blender=weights/judge-blender"]
 
 
 def main():
@@ -58,7 +43,7 @@ def main():
     ap.add_argument("--fd-reference", type=Path, default=None,
                     help="folder of training images for the FD")
     ap.add_argument("--fd-spec", type=Path, default=None,
-                    help="their spec (default: labels.json in that folder)")
+                    help="their spec (default: the folder's train.json, else labels.json)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     ap.add_argument("--device", default="auto")
     args = ap.parse_args()
@@ -92,6 +77,7 @@ def main():
             if seed == args.seeds[0]:
                 for i, img in enumerate(dl.to_uint8(images)):
                     sample.save_png(img, out.with_suffix("") / Path(f).stem / f"{i}.png")
+                sample.save_grid(images, out.with_suffix("") / f"{Path(f).stem}_grid.png")
             for j, judge in judges.items():
                 scores = judge.scores(images)
                 acc[j][f].append(round(judge.compute_acc(scores, labels), 4))
@@ -104,11 +90,13 @@ def main():
         "accuracy_std": {f: round(float(np.std(v)), 4) for f, v in acc[j].items()},
         "misses_all_seeds": {f: miss_kinds(r) for f, r in rows[j].items()}} for j in judges}
     if args.fd_reference:
-        fd, floor = fd_against_folder(judges[args.guidance_judge], torch.cat(generated),
-                                      args.fd_reference,
-                                      args.fd_spec or args.fd_reference / "labels.json")
-        result["fd_training_images"] = {"judge": args.guidance_judge, "fd": fd,
-                                        "floor": floor, "reference": dl._rel(args.fd_reference)}
+        fd, floor = evaluate.fd_against_folder(judges[args.guidance_judge],
+                                               torch.cat(generated),
+                                               *evaluate.fd_reference(args.fd_reference,
+                                                                      args.fd_spec))
+        result["fd_training_images"] = {"judge": args.guidance_judge, "fd": round(fd, 2),
+                                        "floor": round(floor, 2),
+                                        "reference": dl._rel(args.fd_reference)}
         print(f"FD against {dl._rel(args.fd_reference)} ({args.guidance_judge}'s features): "
               f"{fd} (two sets of its own images: {floor})")
     for j, r in result["by_judge"].items():

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The judges of issue 22, trained on this CPU from the Blender sets of bench/render_blender.sh:
-#   mixed    the shipped judge fine-tuned on our renders plus Blender renders (1-5 objects)
+#   mixed    the shipped judge fine-tuned on our renders plus Blender renders (1-5 objects);
+#            it won, and its files are the shipped weights/judge since
 #   blender  a judge trained on Blender renders only, from scratch, as the lab's checkpoint was:
 #            a yardstick for what a lab user's checkpoint.pth would say
 # Fixed steps (not a time budget), so the result does not depend on what else the CPU runs.

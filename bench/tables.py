@@ -170,6 +170,14 @@ def headline_table():
         f"{m['new_test']:.4f} ± {s['new_test']:.4f}",
         f"{min(secs):.0f}-{max(secs):.0f} s per seed", f"`{shipped['speedrun']}`")
     print()
+    rescored = RESULTS / "judges-synthetic.json"
+    if rescored.is_file():  # the same images, scored by the judge shipped since (issue 22)
+        j = json.loads(rescored.read_text())["by_judge"]["mixed"]
+        m, s = j["accuracy_mean"], j["accuracy_std"]
+        print(f"Scored by the judge shipped with those weights. The judge shipped now (the same "
+              f"network fine-tuned on Blender renders too) gives {m['test.json']:.4f} ± "
+              f"{s['test.json']:.4f} and {m['new_test.json']:.4f} ± {s['new_test.json']:.4f} "
+              f"on the same images (`results/{rescored.name}`).\n")
 
 
 # Speedrun results files that are not full speedruns: short GPU ablations, the CPU side by side,
@@ -526,7 +534,16 @@ def heldout_judges_table():
     for name, j in r["judges"].items():
         row(f"{name} (`{j['checkpoint']}`)", *(f"{j[s]['accuracy']:.4f}" for s in splits),
             f"`results/{path.name}`")
-    print()
+    print(JUDGE_NAMES)
+
+
+# The judges' names in the results files of issue 22 are those of when they were measured.
+JUDGE_NAMES = """
+Judges as named when measured: "shipped" is the judge shipped then (trained on our renders only,
+on an H200; `git show c5842fe:weights/judge/judge.json`); "mixed" (then `weights/judge-mixed`)
+is that judge fine-tuned on our renders plus Blender's, shipped as `weights/judge` since;
+"blender" (`weights/judge-blender`) is trained on Blender renders only, a yardstick.
+"""
 
 
 def judges_benchmark_table():
@@ -549,7 +566,7 @@ def judges_benchmark_table():
                 f"{m['new_test.json']:.4f} ± {s['new_test.json']:.4f}",
                 f"{fdt['fd']:.0f} ({fdt['floor']:.0f})" if fdt and fdt["judge"] == name else "",
                 f"`results/{path.name}`")
-    print()
+    print(JUDGE_NAMES)
 
 
 RESULTS_MD = ROOT / "docs" / "results.md"

@@ -57,7 +57,7 @@ def test_train_py_trains_on_blender_renders_as_a_lab_user_runs_it(tmp_path):
     p = subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=tmp_path, env=ENV,
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr
-    layouts = json.loads((tmp_path / "b" / "train_layouts.json").read_text())
+    layouts = json.loads((tmp_path / "b" / "labels_layouts.json").read_text())  # cached
     n = len(load_spec(FIXTURE / "labels.json"))
     assert layouts["estimated"] and layouts["skipped"] == {} and len(layouts["layouts"]) == n
 
@@ -66,3 +66,32 @@ def test_the_shipped_judge_reads_blender_renders():
     ds = fixture_set()
     judge = evaluation_model(device="cpu")
     assert judge.eval(ds.images, ds.labels) == 1.0
+
+
+def test_evaluate_measures_fd_against_the_training_images_it_is_given(tmp_path):
+    """A model trained on the lab's images is compared with them (--fd-reference), not with our
+    renders: images from that set score a lower FD than the same with red and blue swapped."""
+    spec = load_spec(FIXTURE / "labels.json")
+    names = [n for n in spec if n.endswith("_2.png")][:4]  # 3-object images
+    (tmp_path / "conds.json").write_text(json.dumps([spec[n] for n in names]))
+    for flip, out in ((False, "same"), (True, "swapped")):
+        for i, n in enumerate(names):
+            im = Image.open(FIXTURE / n).convert("RGB").resize((64, 64), Image.BILINEAR)
+            if flip:
+                im = Image.fromarray(np.asarray(im)[..., ::-1].copy())
+            (tmp_path / out / "conds").mkdir(parents=True, exist_ok=True)
+            im.save(tmp_path / out / "conds" / f"{i}.png")
+    fds = []
+    for out in ("same", "swapped"):
+        p = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), "--images",
+                            str(tmp_path / out), "--conditions", str(tmp_path / "conds.json"),
+                            "--fd-reference", str(FIXTURE), "--json", str(tmp_path / "e.json"),
+                            "--device", "cpu"], cwd=tmp_path, env=ENV, capture_output=True,
+                           text=True, timeout=300)
+        assert p.returncode == 0, p.stderr
+        res = json.loads((tmp_path / "e.json").read_text())["files"]["conds.json"]
+        assert res["fd_reference"].endswith("tests/fixtures/blender")
+        assert "(training images: " in p.stdout
+        fds.append(res["fd"])
+    # 4 images against 14: far from 0 either way, but deterministic and clearly apart
+    assert fds[1] > 1.4 * fds[0], fds
