@@ -238,7 +238,7 @@ def placed_layouts(model, labels, positions, n, where="the checkpoint"):
     if positions is None:
         return None
     if not is_grounded(model):
-        raise DataError(f"--labels: positions (label@x,y) need a grounded model; {where} is "
+        raise DataError(f"positions (label@x,y) need a grounded model; {where} is "
                         f"{model.config.conditioning!r}")
     return model.place([OBJECTS[name] for name in labels], positions).repeat(n, 1, 1)
 

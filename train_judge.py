@@ -5,8 +5,9 @@ stays on the device: scenes are rendered straight into memory with render.render
 lossless, so these are the pixels a PNG round-trip would give), augmented in batches and fed to
 a bf16-autocast ResNet18. Folders of PNGs from elsewhere (the lab's format, e.g. Blender
 renders) join the training set with --data or are scored with --held-out; --init fine-tunes a
-judge instead of starting from random weights. --max-minutes bounds the training loop: the LR schedule
-follows max(step / steps, elapsed / budget), so it anneals to zero however fast the card is.
+judge instead of starting from random weights. --max-minutes bounds the training loop: the LR
+schedule follows max(step / steps, elapsed / budget), so it anneals to zero however fast the
+card is.
 --deadline-minutes shortens training when rendering was slow, and Ctrl-C / SIGINT ends training
 early; either way the weights are still saved and scored.
 
@@ -52,7 +53,7 @@ class Config:
     held_out: tuple = option((), "also score these folders of PNGs (each with its labels.json), "
                                 "by number of objects")
     init: str = option("", "start from this judge (a weights folder, .pth or .safetensors) "
-                           "instead of ImageNet-free random weights: fine-tuning")
+                           "instead of random weights: fine-tuning")
     val_scenes: int = option(2000, "held-out scenes (x5 images)")
     bench_renders: int = option(16, "also score this many renders of each benchmark condition "
                                     "(evaluate.py's FD reference renders; 0: skip)")

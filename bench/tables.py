@@ -483,12 +483,17 @@ def plot_curves(out):
     return out
 
 
+def result(name):
+    """results/<name> as a dict, or None while there is no such file."""
+    path = RESULTS / name
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 def blender_render_table():
     """bench/bench_blender_render.py: what Blender's render size and samples cost and change."""
-    path = RESULTS / "blender-render-tradeoff.json"
-    if not path.is_file():
+    r, path = result("blender-render-tradeoff.json"), RESULTS / "blender-render-tradeoff.json"
+    if r is None:
         return
-    r = json.loads(path.read_text())
     print(f"### Blender i-CLEVR: render size and samples per pixel "
           f"(`bench/bench_blender_render.py`), {r['images']} images, 2 threads\n")
     row("size", "samples per pixel", "s per image", "with placing", "RMS at 64x64 vs the lab's "
@@ -502,10 +507,9 @@ def blender_render_table():
 
 def blender_layout_table():
     """bench/bench_blender_layouts.py: estimate_layouts.py on Blender renders, true layouts."""
-    path = RESULTS / "layout-estimate-blender.json"
-    if not path.is_file():
+    r, path = result("layout-estimate-blender.json"), RESULTS / "layout-estimate-blender.json"
+    if r is None:
         return
-    r = json.loads(path.read_text())
     print(f"### Layouts estimated from Blender renders (`bench/bench_blender_layouts.py`), "
           f"{r['images']} images of `{r['data_root']}`, against Blender's true positions\n")
     row("objects", "within 1 px", "within 2 px", "within 4 px", "objects", "images skipped",
@@ -522,10 +526,9 @@ def blender_layout_table():
 
 def heldout_judges_table():
     """bench/bench_judge_heldout.py: each judge on held-out scenes of both renderers."""
-    path = RESULTS / "heldout-judges.json"
-    if not path.is_file():
+    r, path = result("heldout-judges.json"), RESULTS / "heldout-judges.json"
+    if r is None:
         return
-    r = json.loads(path.read_text())
     print(f"### Judges on held-out scenes of both renderers (`bench/bench_judge_heldout.py`): "
           f"our renders ({r['val_scenes']} scenes x 5) and `{r['blender']}`\n")
     splits = [k for k, v in next(iter(r["judges"].values())).items() if isinstance(v, dict)]
