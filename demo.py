@@ -52,13 +52,12 @@ class App:
         return resolve_checkpoint(repo_path(checkpoint.strip() or self.default))
 
     def model(self, checkpoint):
-        """(model, scheduler config, scored settings) of a checkpoint, loaded once."""
+        """(model, scheduler config, scored settings, checkpoint folder) of the checkpoint the
+        page's text names, loaded once."""
         ckpt = self.resolve(checkpoint)
         if ckpt not in self.models:
-            if (ckpt / "judge.json").is_file():
-                raise DataError(f"{_rel(ckpt)}: the judge's weights, not a diffusion model")
             model, sched = sample.load_model(ckpt, self.device)
-            self.models[ckpt] = (model, sched, sample.scored_settings(ckpt))
+            self.models[ckpt] = (model, sched, sample.scored_settings(ckpt), ckpt)
         return self.models[ckpt]
 
 
@@ -156,9 +155,9 @@ def check_request(text, n, seed, guidance, steps):
 def run(app, text, n, seed, guidance, steps, marks, checkpoint, progress):
     """Generate and judge -> (images, verdict, strip, message, details)."""
     labels, positions, n, seed, guidance, steps = check_request(text, n, seed, guidance, steps)
-    model, sched, scored = app.model(checkpoint)
+    model, sched, scored, ckpt = app.model(checkpoint)
     y = encode(labels, "objects")[None].repeat(n, 1)
-    where = _rel(app.resolve(checkpoint))
+    where = _rel(ckpt)
     layouts = sample.layouts_for(model, y, sample.placed_layouts(model, labels, positions, n,
                                                                  where), seed)
     progress(0, desc="sampling")
@@ -195,7 +194,7 @@ def generate(app, text, n, seed, guidance, steps, marks, checkpoint,
 # ---------------------------------------------------------------- the page
 
 def build(app):
-    _, _, scored = app.model(app.default)
+    scored = app.model(app.default)[2]
     with gr.Blocks(title="iclevr-ddpm demo") as page:
         gr.Markdown("## i-CLEVR: place objects, generate, judge\nPick a label, then click the "
                     "canvas to place it, or add it without a position and let the model's "

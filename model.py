@@ -415,6 +415,9 @@ def resolve_checkpoint(path):
     path = Path(path)
     if not path.exists():
         raise DataError(f"{_rel(path)}: checkpoint not found")
+    if (path / "judge.json").is_file():
+        raise DataError(f"{_rel(path)}: the judge's weights (judge.json), not a diffusion model: "
+                        "expected a run, checkpoint-STEP or weights folder such as weights/ddpm")
     if (path / EMA_DIR).is_dir() or is_weights_dir(path):
         return path
     ckpts = list_checkpoints(path)

@@ -329,10 +329,6 @@ def main(argv=None):
 
     device = resolve_device(args.device)
     speed_up_cuda(device)  # as in training, so standalone and in-run (speedrun.py) sampling agree
-    if args.checkpoint and (args.checkpoint / "judge.json").is_file():
-        raise DataError(f"{_rel(args.checkpoint)}: the judge's weights (judge.json), not a "
-                        "diffusion model: expected a run, checkpoint-STEP or weights folder "
-                        "such as weights/ddpm")
     ckpt = resolve_checkpoint(args.checkpoint) if args.checkpoint else default_checkpoint()
     model, sched_cfg = load_model(ckpt, device, ema=not args.no_ema)
     # Defaults the checkpoint was scored with (speedrun.py writes them beside shipped weights).

@@ -9,6 +9,7 @@ only this check uses them):
 """
 import argparse
 import platform
+import shutil
 import socket
 import subprocess
 import sys
@@ -72,11 +73,16 @@ def click_canvas(driver, x, y):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--chromium", default="/usr/bin/chromium")
-    ap.add_argument("--chromedriver", default="/usr/bin/chromedriver")
+    ap.add_argument("--chromium", default=shutil.which("chromium"),
+                    help="the browser (default: chromium on PATH)")
+    ap.add_argument("--chromedriver", default=shutil.which("chromedriver"),
+                    help="its driver (default: chromedriver on PATH)")
     ap.add_argument("--screenshot", type=Path, default=ROOT / "docs" / "demo.png")
     ap.add_argument("--out", type=Path, default=ROOT / "results" / "demo-browser.json")
     args = ap.parse_args()
+    if not (args.chromium and args.chromedriver):
+        raise dataloader.DataError("no chromium or chromedriver on PATH: apt-get install -y "
+                                   "chromium chromium-driver, or pass --chromium/--chromedriver")
     port = free_port()
     demo = start_demo(port)
     driver = browser(args.chromium, args.chromedriver, 1400, 1400)

@@ -109,6 +109,8 @@ def test_prior_places_objects_when_none_are_placed(page):
      "**error:** objects: 'cyan cube' has no position: place every object (label@x,y) or none"),
     ("red sphre", "weights/ddpm", "**error:** objects: unknown label 'red sphre'"),
     ("red sphere", "weights/nothere", "**error:** weights/nothere: checkpoint not found"),
+    ("red sphere", "weights/judge", "**error:** weights/judge: the judge's weights (judge.json), "
+     "not a diffusion model"),
 ])
 def test_bad_input_gets_one_line_and_no_images(page, text, checkpoint, want):
     client, _ = page
