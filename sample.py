@@ -37,8 +37,8 @@ from model import (EMA_DIR, MODEL_DIR, RUNS_DIR, SCHEDULER_DIR, WEIGHTS_DIR,  # 
                    resolve_checkpoint)
 
 SAMPLERS = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler, "dpm++": DPMSolverMultistepScheduler,
-            "unipc": UniPCMultistepScheduler}
-DEFAULT_STEPS = {"ddpm": 1000, "ddim": 25, "dpm++": 25, "unipc": 25}
+            "dpm++sde": DPMSolverMultistepScheduler, "unipc": UniPCMultistepScheduler}
+DEFAULT_STEPS = {"ddpm": 1000, "ddim": 25, "dpm++": 25, "dpm++sde": 25, "unipc": 25}
 GUIDANCE = 2.0
 PRECISIONS = ("auto", "fp32", "bf16")
 PROCESS_LABELS = ["red sphere", "cyan cylinder", "cyan cube"]
@@ -111,8 +111,9 @@ def make_sampler(name, scheduler_config):
                         f"{', '.join(SAMPLERS)})")
     # "trailing" starts at the last training timestep (t = 999), which few-step samplers need.
     extra = {"timestep_spacing": "trailing"}
-    if name == "dpm++":
-        extra.update(algorithm_type="dpmsolver++", solver_order=2)
+    if name in ("dpm++", "dpm++sde"):  # DPM-Solver++(2M), deterministic or with fresh noise
+        extra.update(algorithm_type="dpmsolver++" if name == "dpm++" else "sde-dpmsolver++",
+                     solver_order=2)
     return SAMPLERS[name].from_config(scheduler_config, **extra)
 
 

@@ -12,7 +12,8 @@ Flags this script does not know go to train.py, after the recipe (RECIPE below, 
 when it trains on a GPU).
 
 The guidance scale is chosen on a validation set of random conditions (never on the benchmark
-files), and all seeds come from the one final checkpoint: no checkpoint or seed picking.
+files; accuracy, then FD on a tie), and all seeds come from the one final checkpoint: no
+checkpoint or seed picking.
 """
 import argparse
 import json
@@ -37,7 +38,7 @@ RECIPE = ["--preset", "xattn", "--batch-size", "256", "--lr", "5e-4", "--lr-by-t
 # (results/train-variants-default-h200-graph.json). --no-cuda-graph undoes it.
 GPU_RECIPE = ["--cuda-graph"]
 # On a CPU (python speedrun.py --device cpu): train.py's defaults, which are the shipped model's
-# recipe (TrainConfig: the grounded model, batch 32, bf16 autocast where the CPU computes it);
+# recipe (TrainConfig: the grounded model, batch 16, bf16 autocast where the CPU computes it);
 # fewer validation conditions for the guidance sweep, since each costs CPU time.
 CPU_RECIPE = []
 CPU_SAMPLING = {"val_conditions": 96, "guidance_grid": [1.0, 1.25, 1.5, 2.0]}
@@ -140,6 +141,15 @@ def load_judge(checkpoint, device):
         return None
 
 
+def judge_record(judge):
+    """{"checkpoint", "trained_on"}: a judge folder's training data, from its judge.json (None
+    for a checkpoint that does not say, e.g. the lab's checkpoint.pth)."""
+    cfg = judge.meta.get("config")
+    ours = ["our renders"] if cfg and cfg.get("train_scenes", 1) else []
+    return {"checkpoint": dl.portable_path(judge.checkpoint),
+            "trained_on": ours + list(cfg.get("data") or []) if cfg else None}
+
+
 def data_stage(cfg, device):
     """The training set (train.py's --data-root and --train-json), rendered when missing."""
     import render
@@ -212,18 +222,27 @@ class Sampler:
         return dl.to_float(dl.to_uint8(images.float().cpu())), labels, time.time() - t
 
 
-def guidance_stage(generate, judge, grid, n_val):
+def guidance_stage(generate, judge, grid, n_val, fd_tie_break=True):
     """The guidance scale of grid that scores best on n_val validation conditions (seed 10**6,
-    disjoint from the benchmark seeds; the smaller scale on a tie) -> (scale, results part)."""
+    disjoint from the benchmark seeds) -> (scale, results part). A few hundred objects leave
+    scales tied on accuracy; the tie goes to the lower FD of the same images against renders
+    of those conditions (fd_tie_break; models trained on other images than our renders pass
+    False), else to the smaller scale."""
+    import evaluate
+
     val = dl.validation_conditions(n_val)
-    sweep = {}
+    sweep, fds = {}, {}
     for g in grid:
         images, labels, _ = generate(val, 10**6, g)
         sweep[g] = judge.eval(images, labels)
-        print(f"validation guidance {g}: accuracy {sweep[g]:.4f}")
-    guidance = max(sweep, key=lambda g: (round(sweep[g], 4), -g))
-    return guidance, {"guidance_sweep_validation": {str(g): round(a, 4)
-                                                    for g, a in sweep.items()}}
+        fds[g] = evaluate.fd_against_renders(judge, images, val) if fd_tie_break else 0.0
+        print(f"validation guidance {g}: accuracy {sweep[g]:.4f}"
+              + (f", FD {fds[g]:.1f}" if fd_tie_break else ""))
+    guidance = max(sweep, key=lambda g: (round(sweep[g], 4), -round(fds[g], 3), -g))
+    part = {"guidance_sweep_validation": {str(g): round(a, 4) for g, a in sweep.items()}}
+    if fd_tie_break:
+        part["guidance_sweep_validation_fd"] = {str(g): round(f, 3) for g, f in fds.items()}
+    return guidance, part
 
 
 def seeds_stage(generate, judge, files, seeds, guidance):
@@ -329,6 +348,8 @@ def main(argv=None):
               "command": dl.command_line(), "versions": versions(), "budget_minutes": minutes,
               "phase_seconds": phases}
     judge = load_judge(args.judge, device)
+    if judge is not None:  # which judge scored: weights/judge has been retrained since
+        result["judge"] = judge_record(judge)
     phases.lap("judge")
 
     cfg = train.parse_args(train_flags(args.run_name or name, minutes, args.device, train_argv,

@@ -75,6 +75,8 @@ def main():
         if args.preset:
             res.update(untrained_weights(args.preset, Path(tmp) / "weights"))
             flags += ["--checkpoint", str(Path(tmp) / "weights")]
+        else:  # what a clean clone's sample.py takes; here runs/ may hold newer checkpoints
+            flags += ["--checkpoint", "weights/ddpm"]
         t0 = time.perf_counter()
         subprocess.run([sys.executable, "sample.py", *flags, "--out", str(images)], cwd=ROOT,
                        check=True)

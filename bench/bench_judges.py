@@ -47,6 +47,10 @@ def main():
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     ap.add_argument("--device", default="auto")
     args = ap.parse_args()
+    names = [item.partition("=")[0] for item in args.judges]
+    if args.guidance_judge not in names:
+        raise dl.DataError(f"--guidance-judge: no judge named {args.guidance_judge!r} in "
+                           f"--judges (expected one of {', '.join(names)})")
     device = dl.resolve_device(args.device)
     judges = {}
     for item in args.judges:
@@ -63,7 +67,8 @@ def main():
     guidance = args.guidance or sample.sample_config(ckpt).get("guidance")
     if guidance is None:
         guidance, part = speedrun.guidance_stage(gen, judges[args.guidance_judge],
-                                                 args.guidance_grid, args.val_conditions)
+                                                 args.guidance_grid, args.val_conditions,
+                                                 fd_tie_break=args.fd_reference is None)
         result.update(part, guidance_judge=args.guidance_judge)
     result["guidance"] = guidance
     files = {p.name: dl.load_conditions(p) for p in dl.TEST_JSONS}

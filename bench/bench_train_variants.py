@@ -4,6 +4,8 @@ TrainStep (bf16 autocast on CUDA, fused AdamW there).
 
     python bench/bench_train_variants.py --device cuda  # results/train-variants-PRESET-GPU.json
     python bench/bench_train_variants.py --device cpu --preset ground   # the CPU variants
+    python bench/bench_train_variants.py --device cpu --preset ground-shape --variants "b32 bf16" \
+        --archs widths-64 ps4-wide two-levels --tag=-archs    # other shapes of the same net
 
 Achieved GFLOP/s counts a training step as 3 forward passes (model.flops_per_image).
 
@@ -41,6 +43,7 @@ VARIANTS = {  # name: (batch size, channels_last, compile, CUDA graph[, precisio
 }
 CPU_VARIANTS = {  # the speedrun's CPU batch; precision "no" = fp32, threads 0 = torch's default
     "b32 fp32": (32, False, False, False, "no", 0),
+    "b16 bf16": (16, False, False, False, "bf16", 0),
     "b32 bf16": (32, False, False, False, "bf16", 0),
     "b32 bf16 channels_last": (32, True, False, False, "bf16", 0),
     "b32 bf16 1 thread": (32, False, False, False, "bf16", 1),
@@ -48,6 +51,19 @@ CPU_VARIANTS = {  # the speedrun's CPU batch; precision "no" = fp32, threads 0 =
     "b32 bf16 compile": (32, False, True, False, "bf16", 0),
 }
 VARIANTS.update(CPU_VARIANTS)
+# Shapes of the preset's UNet (model.build_model overrides): do some map onto oneDNN's kernels
+# better, i.e. more GFLOP/s, so that a 40-minute budget buys more of the same arithmetic?
+ARCHS = {
+    "preset": {},
+    "widths-64": {"block_out_channels": (128, 128, 192)},  # multiples of 64
+    "ps4-wide": {"pixel_shuffle": 4, "block_out_channels": (256, 320),  # 16x16 and 8x8 levels
+                 "down_block_types": ("DownBlock2D", "AttnDownBlock2D"),
+                 "up_block_types": ("AttnUpBlock2D", "UpBlock2D")},
+    "two-levels": {"block_out_channels": (128, 192),  # 32x32 and 16x16, no 8x8 level
+                   "down_block_types": ("DownBlock2D", "DownBlock2D"),
+                   "up_block_types": ("UpBlock2D", "UpBlock2D")},
+    "layers-2": {"layers_per_block": 2},
+}
 BUDGET_S = 600  # the speedrun's 10 minutes: what a variant's warm-up (compile) time costs
 
 
@@ -69,9 +85,9 @@ def make_step(net, device, channels_last=False, compile_=False, graph=False, pre
     return TrainStep(acc, model, opt, sched, ac / (1 - ac), 5.0, 1.0, cuda_graph=graph)
 
 
-def seed0_model(preset):
+def seed0_model(preset, **overrides):
     torch.manual_seed(0)
-    return build_model(preset)
+    return build_model(preset, **overrides)
 
 
 def check_graph(preset, device, batch=64, steps=8):
@@ -94,9 +110,10 @@ def check_graph(preset, device, batch=64, steps=8):
 
 
 def bench(preset, device, batch, channels_last, compile_, graph, warmup, steps,
-          precision="auto"):
+          precision="auto", arch=None):
     """Images/s of train.py's TrainStep on random data, and the warm-up seconds."""
-    step = make_step(seed0_model(preset), device, channels_last, compile_, graph, precision)
+    step = make_step(seed0_model(preset, **(arch or {})), device, channels_last, compile_, graph,
+                     precision)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     x0 = torch.randn(batch, 3, 64, 64, device=device).contiguous(memory_format=fmt)
     y = (torch.rand(batch, 24, device=device) < 0.1).float()
@@ -120,12 +137,35 @@ def bench(preset, device, batch, channels_last, compile_, graph, warmup, steps,
     return batch * steps / run(steps), warm_s
 
 
+def run_variant(args, device, arch, name, threads):
+    """One speed option (VARIANTS) of one shape (ARCHS) of args.preset -> its results row."""
+    batch, cl, comp, graph, precision, n_threads = (*VARIANTS[name], "auto", 0)[:6]
+    torch.set_num_threads(n_threads or threads)
+    net = build_model(args.preset, **ARCHS[arch])
+    gflop = flops_per_image(net) / 1e9
+    try:
+        ips, warm = bench(args.preset, device, batch, cl, comp, graph, args.warmup, args.steps,
+                          precision, ARCHS[arch])
+    except (RuntimeError, DataError) as e:  # e.g. a capture that fails: record, go on
+        return {"error": str(e).strip().splitlines()[0][:500]}
+    budget = max(0.0, BUDGET_S - warm) * ips  # compile and capture come out of the budget
+    return {"arch": ARCHS[arch], "params_m": round(sum(p.numel() for p in net.parameters()) / 1e6,
+                                                   2),
+            "gflop_per_image_forward": round(gflop, 3), "batch_size": batch, "channels_last": cl,
+            "compile": comp, "cuda_graph": graph, "precision": precision,
+            "threads": n_threads or threads, "images_per_s": round(ips, 1),
+            "achieved_gflop_per_s": round(3 * gflop * ips, 1), "warmup_seconds": round(warm, 1),
+            "images_in_10_min": round(budget)}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--preset", default="default")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--variants", nargs="+", default=None, choices=list(VARIANTS),
                     help="default: the CPU variants on a CPU, the others elsewhere")
+    ap.add_argument("--archs", nargs="+", default=["preset"], choices=list(ARCHS),
+                    help="shapes of the preset's UNet, each run with every variant")
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--tag", default="",
@@ -154,30 +194,20 @@ def main():
             res["graph_check"] = {"error": str(e).strip().splitlines()[0][:500]}
             print(f"CUDA graph check failed: {res['graph_check']['error']}")
         write_json(out, res)
-    print(f"{'variant':24s} {'img/s':>9s} {'GFLOP/s':>8s} {'warm-up s':>10s} "
+    print(f"{'variant':34s} {'params':>7s} {'img/s':>9s} {'GFLOP/s':>8s} {'warm-up s':>10s} "
           f"{'images in 10 min':>17s}")
     threads = torch.get_num_threads()
-    for name in args.variants:
-        batch, cl, comp, graph, precision, n_threads = (*VARIANTS[name], "auto", 0)[:6]
-        torch.set_num_threads(n_threads or threads)
-        try:
-            ips, warm = bench(args.preset, device, batch, cl, comp, graph, args.warmup,
-                              args.steps, precision)
-        except (RuntimeError, DataError) as e:  # e.g. a capture that fails: record, go on
-            print(f"{name:24s} failed: {str(e).strip().splitlines()[0][:200]}", flush=True)
-            res["variants"][name] = {"error": str(e).strip().splitlines()[0][:500]}
+    for arch in args.archs:
+        for name in args.variants:
+            key = name if arch == "preset" else f"{arch}, {name}"
+            res["variants"][key] = row = run_variant(args, device, arch, name, threads)
+            if "error" in row:
+                print(f"{key:34s} failed: {row['error'][:200]}", flush=True)
+            else:
+                print(f"{key:34s} {row['params_m']:6.2f}M {row['images_per_s']:9.1f} "
+                      f"{row['achieved_gflop_per_s']:8.0f} {row['warmup_seconds']:10.1f} "
+                      f"{row['images_in_10_min']:17d}", flush=True)
             write_json(out, res)
-            continue
-        budget = max(0.0, BUDGET_S - warm) * ips  # compile and capture come out of the budget
-        res["variants"][name] = {"batch_size": batch, "channels_last": cl, "compile": comp,
-                                 "cuda_graph": graph, "precision": precision,
-                                 "threads": n_threads or threads, "images_per_s": round(ips, 1),
-                                 "achieved_gflop_per_s": round(3 * gflop * ips, 1),
-                                 "warmup_seconds": round(warm, 1),
-                                 "images_in_10_min": round(budget)}
-        print(f"{name:24s} {ips:9.1f} {3 * gflop * ips:8.0f} {warm:10.1f} {budget:17.0f}",
-              flush=True)
-        write_json(out, res)
     print(f"wrote {out.relative_to(ROOT)}")
 
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The grounded model trained on Blender i-CLEVR (bench/render_blender.sh) as a lab user runs it,
 # then scored by every judge (bench/bench_judges.py, 5 seeds, guidance chosen on validation
-# conditions with the judge fine-tuned on Blender renders too; FD against the training images):
+# conditions with the shipped judge, fine-tuned on Blender renders too; FD against the
+# training images):
 #   estimated  python train.py --data-root ... --train-json .../labels.json: the shipped recipe
 #              and its 40-minute budget; train.py estimates the layouts itself
 #   true       the same with Blender's true positions (labels_true.json and its
@@ -21,5 +22,5 @@ for which in ${WHICH:-estimated true}; do
   fi
   "$PY" train.py --data-root $DATA --train-json "$spec" --run-name "blender-40min$suffix"
   "$PY" bench/bench_judges.py --checkpoint "runs/blender-40min$suffix" --tag "blender$suffix" \
-      --guidance-judge mixed --fd-reference $DATA
+      --fd-reference $DATA
 done

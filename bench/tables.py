@@ -90,7 +90,8 @@ CONDITIONING = {"ground": "spatial label maps + label vector (grounded)",
 # Results files written before the benches recorded which weights they scored
 # (`weights_of`), and the results file of the weights they scored.
 EARLIER_WEIGHTS = {"guidance-cpu.json": "results/speedrun-h200.json",
-                   "layout-apart-cpu.json": "results/speedrun-cpu-shape-40min.json"}
+                   "layout-apart-cpu.json": "results/speedrun-cpu-shape-40min.json",
+                   "judges-synthetic.json": "results/speedrun-cpu-shape-40min.json"}
 
 
 def weights(r, path):
@@ -170,14 +171,8 @@ def headline_table():
         f"{m['new_test']:.4f} ± {s['new_test']:.4f}",
         f"{min(secs):.0f}-{max(secs):.0f} s per seed", f"`{shipped['speedrun']}`")
     print()
-    rescored = RESULTS / "judges-synthetic.json"
-    if rescored.is_file():  # the same images, scored by the judge shipped since (issue 22)
-        j = json.loads(rescored.read_text())["by_judge"]["mixed"]
-        m, s = j["accuracy_mean"], j["accuracy_std"]
-        print(f"Scored by the judge shipped with those weights. The judge shipped now (the same "
-              f"network fine-tuned on Blender renders too) gives {m['test.json']:.4f} ± "
-              f"{s['test.json']:.4f} and {m['new_test.json']:.4f} ± {s['new_test.json']:.4f} "
-              f"on the same images (`results/{rescored.name}`).\n")
+    print(f"Scored by the shipped judge (trained on {judge_data(r)}; every speedrun with the "
+          f"judge that scored it: [docs/results.md](docs/results.md)).\n")
 
 
 # Speedrun results files that are not full speedruns: short GPU ablations, the CPU side by side,
@@ -185,20 +180,33 @@ def headline_table():
 SIDE_RUNS = ("-short", "-compare-", "-cpubudget-")
 
 
+def judge_data(r):
+    """What the judge that scored a speedrun was trained on (speedrun.judge_record); files
+    from before it was recorded were scored by the judge trained on our renders alone."""
+    data = r.get("judge", {}).get("trained_on", ["our renders"])
+    if data is None:
+        return "not recorded (`" + r["judge"]["checkpoint"] + "`)"
+    blender = any("blender" in d for d in data)
+    return ("our + Blender renders" if blender and "our renders" in data else
+            "Blender renders" if blender else "our renders")
+
+
 def speedrun_table():
-    print("### Speedrun (`speedrun.py`), accuracy by the shipped judge, 5 seeds, one checkpoint\n")
-    row("device", "training", "images/s", "sampler", "guidance", "test.json", "new_test.json",
+    print("### Speedrun (`speedrun.py`), accuracy by the judge shipped when it ran, 5 seeds, one "
+          "checkpoint\n")
+    row("device", "training", "images/s", "judge trained on", "sampler", "guidance", "test.json",
+        "new_test.json",
         "FD test / new_test",
         "misses: wrong shape / wrong color / neither; images with too many / too few objects",
         "accuracy by number of objects", "validation accuracy during training (at minutes)", "file")
-    row(*["---"] * 12)
+    row(*["---"] * 13)
     for path in sorted(RESULTS.glob("speedrun-*.json")):
         r = json.loads(path.read_text())
         if "accuracy_mean" not in r or any(k in path.name for k in SIDE_RUNS):
             continue
         m, s = r["accuracy_mean"], r["accuracy_std"]
         row(r["device"], f"{r['train_minutes']} min, {r['steps']} steps",
-            f"{r['train_images_per_s']:.0f}", f"{r['sampler']} {r['sampler_steps']}",
+            f"{r['train_images_per_s']:.0f}", judge_data(r), f"{r['sampler']} {r['sampler_steps']}",
             r["guidance"], f"{m['test']:.4f} ± {s['test']:.4f}",
             f"{m['new_test']:.4f} ± {s['new_test']:.4f}",
             fd(r), misses(r),
@@ -206,7 +214,7 @@ def speedrun_table():
             curve(r, "train_minutes"), f"`results/{path.name}`")
         if "ddpm1000_no_guidance_seed0" in r:
             d = r["ddpm1000_no_guidance_seed0"]
-            row(r["device"], "same checkpoint", "", f"ddpm {d.get('steps', 1000)}", 1.0,
+            row(r["device"], "same checkpoint", "", "", f"ddpm {d.get('steps', 1000)}", 1.0,
                 f"{d['test']:.4f} (seed 0)", f"{d['new_test']:.4f} (seed 0)", "", "", "", "",
                 f"`results/{path.name}`")
     print()
@@ -382,6 +390,27 @@ def guidance_table():
         print()
 
 
+def sampling_table():
+    """bench/bench_sampling.py: sampling settings of one checkpoint on validation conditions."""
+    for path in sorted(RESULTS.glob("sampling-*.json")):
+        r = json.loads(path.read_text())
+        print(f"### What sampling alone buys (`bench/bench_sampling.py`), {weights(r, path)}, "
+              f"{r['conditions']} validation conditions x {len(r['seeds'])} seeds; FD against "
+              f"renders of the same conditions, floor {r['fd_floor']:.1f} (as many other "
+              f"renders)\n")
+        row("setting", "sampler", "steps", "guidance", "guided timesteps", "weights", "precision",
+            "accuracy", "missed: shape / color / neither; too many / too few", "FD",
+            "s per image", "file")
+        row(*["---"] * 12)
+        for name, v in r["settings"].items():
+            t = v["interval"]
+            row(name, v["sampler"], v["steps"], v["guidance"],
+                "all" if t is None else f"{t[0]}-{t[1]}", "EMA" if v["ema"] else "raw",
+                v["precision"], f"{v['accuracy']:.4f}", miss_text(v["misses"]), f"{v['fd']:.1f}",
+                v["seconds_per_image"], f"`results/{path.name}`")
+        print()
+
+
 def judge_table():
     print("### The judge (`train_judge.py`), held-out synthetic images, lab's accuracy rule\n")
     row("device", "images seen", "train s", "split", "images", "accuracy", "exact set", "file")
@@ -439,6 +468,9 @@ def speed_table():
                       else f"failed: {v['error'][:80]}")
             if "achieved_gflop_per_s" in v:
                 number += f" ({v['achieved_gflop_per_s']:.0f} GFLOP/s)"
+            if "params_m" in v:  # a shape of the preset's UNet (bench_train_variants ARCHS)
+                number += (f", {v['params_m']:.2f}M params, {v['gflop_per_image_forward']:.2f} "
+                           f"GFLOP per image forward")
             if "images_in_10_min" in v:  # compile and capture time come out of the budget
                 number += (f" after {v['warmup_seconds']:.0f} s of warm-up: "
                            f"{v['images_in_10_min'] / 1e6:.2f}M images in 10 min")
@@ -542,10 +574,12 @@ def heldout_judges_table():
 
 # The judges' names in the results files of issue 22 are those of when they were measured.
 JUDGE_NAMES = """
-Judges as named when measured: "shipped" is the judge shipped then (trained on our renders only,
-on an H200; `git show c5842fe:weights/judge/judge.json`); "mixed" (then `weights/judge-mixed`)
-is that judge fine-tuned on our renders plus Blender's, shipped as `weights/judge` since;
-"blender" (`weights/judge-blender`) is trained on Blender renders only, a yardstick.
+Judges as named when measured. In `heldout-judges.json`, `judges-synthetic.json` and
+`judges-blender.json`, "shipped" is the judge shipped then (trained on our renders only, on an
+H200; `git show c5842fe:weights/judge/judge.json`) and "mixed" (then `weights/judge-mixed`) is
+that judge fine-tuned on our renders plus Blender's, shipped as `weights/judge` since: the
+"shipped" of the files measured later (`judges-blender-true.json`). "blender"
+(`weights/judge-blender`) is trained on Blender renders only, a yardstick.
 """
 
 
@@ -564,7 +598,7 @@ def judges_benchmark_table():
         fdt = r.get("fd_training_images")
         for name, j in r["by_judge"].items():
             m, s = j["accuracy_mean"], j["accuracy_std"]
-            row(f"`{r['checkpoint']}`", r["guidance"], f"{name} (`{r['judges'][name]}`)",
+            row(weights(r, path), r["guidance"], f"{name} (`{r['judges'][name]}`)",
                 f"{m['test.json']:.4f} ± {s['test.json']:.4f}",
                 f"{m['new_test.json']:.4f} ± {s['new_test.json']:.4f}",
                 f"{fdt['fd']:.0f} ({fdt['floor']:.0f})" if fdt and fdt["judge"] == name else "",
@@ -579,7 +613,8 @@ Every table here is written by `python bench/tables.py --write` from the files i
 a test checks that this page is what it writes. The files name the command that made them.
 """
 TABLES = (speedrun_table, condition_sets_table, lever_table, apart_table, compare_table,
-          fidelity_table, layout_estimate_table, ablation_table, guidance_table, judge_table,
+          fidelity_table, layout_estimate_table, ablation_table, guidance_table, sampling_table,
+          judge_table,
           judge_resolution_table, blender_render_table, blender_layout_table,
           heldout_judges_table, judges_benchmark_table, speed_table, robustness_table)
 

@@ -204,3 +204,42 @@ def test_condition_bench_pairs_missed_objects_with_what_was_drawn():
     part = bench_conditions.summarize([0.5], rows, recs)
     assert part["shape_confusion"]["cube"] == {"cube": 1, "sphere": 1, "cylinder": 0, "none": 0}
     assert part["by_row"]["near"] == {"correct": 1, "total": 2, "accuracy": 0.5}
+
+
+def test_sampling_bench_rows_are_the_settings_the_images_were_sampled_with(tmp_path):
+    import evaluate
+    import sample
+    from dataloader import encode_batch, to_float, to_uint8, validation_conditions
+    from evaluator import evaluation_model
+
+    out = tmp_path / "sampling.json"
+    p = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_sampling.py"), "--conditions",
+                        "2", "--seeds", "1", "--settings", "shipped", "w1.0", "raw weights",
+                        "--device", "cpu", "--out", str(out)],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert p.returncode == 0, p.stderr
+    assert "skipped 'raw weights': it needs --raw-checkpoint" in p.stdout
+    r = json.loads(out.read_text())
+    scored = sample.scored_settings(sample.WEIGHTS_DIR)  # what the shipped row must sample with
+    assert list(r["settings"]) == ["shipped", "w1.0"]
+    shipped, w1 = r["settings"]["shipped"], r["settings"]["w1.0"]
+    assert {k: shipped[k] for k in scored} == scored and scored["guidance"] != 1.0
+    assert w1["guidance"] == 1.0 and w1["sampler"] == scored["sampler"]
+    # the shipped row's FD is that of the images sample.generate makes at the bench's seed
+    model, cfg = sample.load_model(sample.WEIGHTS_DIR, torch.device("cpu"))
+    conds = validation_conditions(2)
+    images = sample.generate(model, encode_batch(conds), seed=10**6, scheduler_config=cfg,
+                             progress=False, **scored)
+    judge = evaluation_model(device="cpu")
+    fd = evaluate.fd_against_renders(judge, to_float(to_uint8(images)), conds)
+    assert abs(shipped["fd"] - fd) < 1e-2 and abs(w1["fd"] - fd) > 1e-2
+    assert abs(r["fd_floor"] - evaluate.fd_floor(judge, conds, 1)) < 1e-2
+
+
+def test_judges_bench_names_an_unknown_guidance_judge_in_one_line():
+    p = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_judges.py"), "--tag", "x",
+                        "--guidance-judge", "mixed"], capture_output=True, text=True, cwd=ROOT)
+    assert p.returncode != 0
+    assert p.stderr.strip().splitlines() == [
+        "error: --guidance-judge: no judge named 'mixed' in --judges (expected one of shipped, "
+        "blender)"]

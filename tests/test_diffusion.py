@@ -232,8 +232,8 @@ def test_samplers_differ_and_seeds_are_per_image(runs):
     for i, a in enumerate(SAMPLERS):
         for b in list(SAMPLERS)[i + 1:]:
             assert (imgs[a] - imgs[b]).abs().max() > 1e-3, (a, b)
-    # image i depends on (seed, i) only: same result for any batch size, stochastic ddpm too
-    for name in ("ddpm", "dpm++"):
+    # image i depends on (seed, i) only: same result for any batch size, stochastic ones too
+    for name in ("ddpm", "dpm++", "dpm++sde"):
         kw = dict(sampler=name, steps=3, guidance=2.0, scheduler_config=sched_cfg,
                   progress=False)
         whole = generate(model, y, seed=5, batch_size=3, **kw)
@@ -367,7 +367,7 @@ def test_speedrun_recipe_yields_to_user_flags(runs, monkeypatch):
     cfg = train.parse_args(speedrun.train_flags("r", 2.0, "cpu", rest))
     assert (cfg.lr, cfg.preset, cfg.lr_by_time) == (1e-3, "fast", False)  # the user's
     # the CPU recipe's: a small batch, bf16 autocast where the CPU computes it
-    assert (cfg.batch_size, cfg.warmup_steps, cfg.max_minutes) == (32, 200, 2.0)
+    assert (cfg.batch_size, cfg.warmup_steps, cfg.max_minutes) == (16, 200, 2.0)
     assert cfg.mixed_precision == "auto" and not cfg.cuda_graph  # on the CPU: no graph
     # `python train.py` trains what the CPU speedrun trains: the shipped model's recipe
     assert train.parse_args(speedrun.train_flags("r", 40.0, "cpu", [])) == train.parse_args(
@@ -408,10 +408,16 @@ def test_speedrun_end_to_end(data, tmp_path):
                 "guidance", "fd", "command", "versions", "peak_gpu_memory_gb", "steps"):
         assert key in r, key
     assert (r["sampler"], r["sampler_steps"], r["device"]) == ("dpm++", 2, "cpu")
-    # the guidance scale scored is the one that did best on validation (the smaller on a tie)
+    # which judge scored, and on what it was trained (weights/judge's own judge.json)
+    meta = json.loads((ROOT / "weights" / "judge" / "judge.json").read_text())["config"]
+    assert r["judge"] == {"checkpoint": "weights/judge",
+                          "trained_on": ["our renders", *meta["data"]]}
+    # the guidance scale scored is the one that did best on validation (the lower FD of the
+    # same validation images on a tie)
     sweep = {float(g): a for g, a in r["guidance_sweep_validation"].items()}
-    assert set(sweep) == {1.0, 3.0}
-    assert r["guidance"] == max(sweep, key=lambda g: (sweep[g], -g))
+    fds = {float(g): f for g, f in r["guidance_sweep_validation_fd"].items()}
+    assert set(sweep) == set(fds) == {1.0, 3.0} and fds[1.0] != fds[3.0]
+    assert r["guidance"] == max(sweep, key=lambda g: (sweep[g], -fds[g]))
     assert {k: len(v) for k, v in r["accuracy"].items()} == {"test": 2, "new_test": 2}
     assert r["steps"] >= 1 and r["train_config"]["preset"] == "tiny"
     assert r["train_config"]["data_root"] == str(data[1])  # the data it was given, not the default
