@@ -109,11 +109,9 @@ def check_graph(preset, device, batch=64, steps=8):
     return curves
 
 
-def bench(preset, device, batch, channels_last, compile_, graph, warmup, steps,
-          precision="auto", arch=None):
-    """Images/s of train.py's TrainStep on random data, and the warm-up seconds."""
-    step = make_step(seed0_model(preset, **(arch or {})), device, channels_last, compile_, graph,
-                     precision)
+def bench(net, device, batch, channels_last, compile_, graph, warmup, steps, precision="auto"):
+    """Images/s of train.py's TrainStep for net on random data, and the warm-up seconds."""
+    step = make_step(net, device, channels_last, compile_, graph, precision)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     x0 = torch.randn(batch, 3, 64, 64, device=device).contiguous(memory_format=fmt)
     y = (torch.rand(batch, 24, device=device) < 0.1).float()
@@ -141,16 +139,16 @@ def run_variant(args, device, arch, name, threads):
     """One speed option (VARIANTS) of one shape (ARCHS) of args.preset -> its results row."""
     batch, cl, comp, graph, precision, n_threads = (*VARIANTS[name], "auto", 0)[:6]
     torch.set_num_threads(n_threads or threads)
-    net = build_model(args.preset, **ARCHS[arch])
+    net = seed0_model(args.preset, **ARCHS[arch])
     gflop = flops_per_image(net) / 1e9
+    params = sum(p.numel() for p in net.parameters()) / 1e6
     try:
-        ips, warm = bench(args.preset, device, batch, cl, comp, graph, args.warmup, args.steps,
-                          precision, ARCHS[arch])
+        ips, warm = bench(net, device, batch, cl, comp, graph, args.warmup, args.steps,
+                          precision)
     except (RuntimeError, DataError) as e:  # e.g. a capture that fails: record, go on
         return {"error": str(e).strip().splitlines()[0][:500]}
     budget = max(0.0, BUDGET_S - warm) * ips  # compile and capture come out of the budget
-    return {"arch": ARCHS[arch], "params_m": round(sum(p.numel() for p in net.parameters()) / 1e6,
-                                                   2),
+    return {"arch": ARCHS[arch], "params_m": round(params, 2),
             "gflop_per_image_forward": round(gflop, 3), "batch_size": batch, "channels_last": cl,
             "compile": comp, "cuda_graph": graph, "precision": precision,
             "threads": n_threads or threads, "images_per_s": round(ips, 1),

@@ -516,14 +516,14 @@ def plot_curves(out):
 
 
 def result(name):
-    """results/<name> as a dict, or None while there is no such file."""
+    """(results/<name> as a dict, or None while there is no such file; its path)."""
     path = RESULTS / name
-    return json.loads(path.read_text()) if path.is_file() else None
+    return (json.loads(path.read_text()) if path.is_file() else None), path
 
 
 def blender_render_table():
     """bench/bench_blender_render.py: what Blender's render size and samples cost and change."""
-    r, path = result("blender-render-tradeoff.json"), RESULTS / "blender-render-tradeoff.json"
+    r, path = result("blender-render-tradeoff.json")
     if r is None:
         return
     print(f"### Blender i-CLEVR: render size and samples per pixel "
@@ -539,7 +539,7 @@ def blender_render_table():
 
 def blender_layout_table():
     """bench/bench_blender_layouts.py: estimate_layouts.py on Blender renders, true layouts."""
-    r, path = result("layout-estimate-blender.json"), RESULTS / "layout-estimate-blender.json"
+    r, path = result("layout-estimate-blender.json")
     if r is None:
         return
     print(f"### Layouts estimated from Blender renders (`bench/bench_blender_layouts.py`), "
@@ -558,7 +558,7 @@ def blender_layout_table():
 
 def heldout_judges_table():
     """bench/bench_judge_heldout.py: each judge on held-out scenes of both renderers."""
-    r, path = result("heldout-judges.json"), RESULTS / "heldout-judges.json"
+    r, path = result("heldout-judges.json")
     if r is None:
         return
     print(f"### Judges on held-out scenes of both renderers (`bench/bench_judge_heldout.py`): "
@@ -569,7 +569,7 @@ def heldout_judges_table():
     for name, j in r["judges"].items():
         row(f"{name} (`{j['checkpoint']}`)", *(f"{j[s]['accuracy']:.4f}" for s in splits),
             f"`results/{path.name}`")
-    print(JUDGE_NAMES)
+    print()  # the judges' names: below the next table
 
 
 # The judges' names in the results files of issue 22 are those of when they were measured.
