@@ -129,6 +129,14 @@ def encode_batch(conditions, where="conditions"):
     return torch.stack([encode(c, f"{where}[{i}]") for i, c in enumerate(conditions)])
 
 
+def listed_order(conditions):
+    """Each condition's class indices in the order it lists them. i-CLEVR lists a scene's
+    objects in the order they were added (train.json's image k shows the first k + 1) and
+    puts the first at the scene's centre, so the order says where objects go; the multi-hot
+    vector drops it."""
+    return [[OBJECTS[name] for name in c] for c in conditions]
+
+
 def decode(vec, threshold=0.5):
     """Multi-hot vector (or list of indices) -> list of label names in index order."""
     if isinstance(vec, torch.Tensor) and vec.dtype.is_floating_point:

@@ -24,8 +24,8 @@ from torchvision.utils import make_grid  # noqa: E402
 
 import sample  # noqa: E402
 from dataloader import (COLORS, IMAGE_SIZE, LABELS, SHAPES, DataError, _rel,  # noqa: E402
-                        encode, first_line, parse_placed_labels, portable_path, repo_path,
-                        resolve_device, run_cli, to_float, to_uint8)
+                        encode, first_line, listed_order, parse_placed_labels, portable_path,
+                        repo_path, resolve_device, run_cli, to_float, to_uint8)
 from evaluator import evaluation_model, miss_kinds, per_image  # noqa: E402
 from model import WEIGHTS_DIR, resolve_checkpoint  # noqa: E402
 from render import COLOR_SRGB  # noqa: E402
@@ -159,7 +159,8 @@ def run(app, text, n, seed, guidance, steps, marks, checkpoint, progress):
     y = encode(labels, "objects")[None].repeat(n, 1)
     where = _rel(ckpt)
     layouts = sample.layouts_for(model, y, sample.placed_layouts(model, labels, positions, n,
-                                                                 where), seed)
+                                                                 where), seed,
+                                 listed_order([labels] * n))
     progress(0, desc="sampling")
     images, traj = sample.generate(model, y, sampler=scored["sampler"], steps=steps,
                                    guidance=guidance, seed=seed, scheduler_config=sched,

@@ -262,13 +262,16 @@ class ConditionalUNet(ModelMixin, ConfigMixin):
         cls = torch.as_tensor(classes, dtype=torch.float32)[:, None]
         return torch.cat([cls, torch.as_tensor(xy, dtype=torch.float32), size], 1)[None]
 
-    def draw_layouts(self, labels, generators, apart_only=False):
+    def draw_layouts(self, labels, generators, apart_only=False, order=None):
         """Layouts (N, K, 5) for multi-hot labels (N, C) from the prior: image i takes the
-        object positions of a training image with as many objects, drawn with generators[i],
-        and gives them its labels in random order. Conditions with more objects than any
-        training image follow the renderer's placement rules instead. apart_only: only layouts
-        whose objects' outlines do not overlap (apart; placements are redrawn up to
-        PLACE_TRIES times), measured by bench/bench_apart.py."""
+        object positions of a training image with as many objects, drawn with generators[i].
+        order (dataloader.listed_order): per image, its classes in the condition's listed
+        order, which i-CLEVR's is (the first object added, at the centre, first); object j then
+        takes the training image's object j. Without it, labels take the positions in random
+        order. Conditions with more objects than any training image follow the renderer's
+        placement rules instead. apart_only: only layouts whose objects' outlines do not
+        overlap (apart; placements are redrawn up to PLACE_TRIES times), measured by
+        bench/bench_apart.py."""
         prior = self.layout_prior.float().cpu()
         counts = (~prior[..., 0].isnan()).sum(1)
         clear = apart(prior) if apart_only else torch.ones(len(prior), dtype=torch.bool)
@@ -276,7 +279,9 @@ class ConditionalUNet(ModelMixin, ConfigMixin):
         out = torch.full((len(labels), k_max, 5), -1.0)
         for i, (y, gen) in enumerate(zip(labels, generators)):
             cls = y.gt(0.5).nonzero().flatten()
-            cls = cls[torch.randperm(len(cls), generator=gen)]
+            cls = cls[torch.randperm(len(cls), generator=gen)]  # drawn either way: same rows
+            if order is not None:
+                cls = listed_classes(order[i], cls, i)
             rows = ((counts == len(cls)) & clear).nonzero().flatten()
             if not len(rows):  # no training layout of that size stands apart: any of them
                 rows = (counts == len(cls)).nonzero().flatten()
@@ -291,6 +296,15 @@ class ConditionalUNet(ModelMixin, ConfigMixin):
             out[i, :len(cls), 0] = cls.float()
             out[i, :len(cls), 1:] = pos
         return out
+
+
+def listed_classes(listed, classes, i):
+    """Condition i's classes in its listed order, checked against its multi-hot classes."""
+    listed = torch.as_tensor(listed, dtype=torch.long)
+    if sorted(listed.tolist()) != sorted(classes.tolist()):
+        raise ValueError(f"order[{i}] lists classes {listed.tolist()}, but its labels hold "
+                         f"{sorted(classes.tolist())}")
+    return listed
 
 
 # Layouts apart (draw_layouts(apart_only=True)): the training scenes only promise each object a

@@ -30,8 +30,8 @@ from torchvision.utils import make_grid  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from dataloader import (OBJECTS, ROOT, TEST_JSONS, DataError, _rel, computes_bf16,  # noqa: E402
-                        encode, encode_batch, load_conditions, load_json, parse_placed_labels,
-                        resolve_device, run_cli, speed_up_cuda, to_uint8)
+                        encode, encode_batch, listed_order, load_conditions, load_json,
+                        parse_placed_labels, resolve_device, run_cli, speed_up_cuda, to_uint8)
 from model import (EMA_DIR, MODEL_DIR, RUNS_DIR, SCHEDULER_DIR, WEIGHTS_DIR,  # noqa: E402
                    derive_seed, is_weights_dir, list_checkpoints, load_weights,
                    resolve_checkpoint)
@@ -179,11 +179,13 @@ def _sample_batch(model, y, layout, gens, sampler, steps, guidance, scheduler_co
 @torch.no_grad()
 def generate(model, labels, *, sampler="dpm++", steps=None, guidance=GUIDANCE, seed=0,
              device=None, batch_size=64, scheduler_config, return_trajectory=False,
-             progress=True, guidance_interval=None, layouts=None, precision="auto"):
+             progress=True, guidance_interval=None, layouts=None, order=None, precision="auto"):
     """labels (N, 24) multi-hot -> images (N, 3, 64, 64) in [-1, 1] on the CPU.
 
     A grounded model draws where its objects go: layouts (N, K, 5) as model.py describes, or,
-    when None, one drawn from the model's layout prior per image (from (seed, i) alone).
+    when None, one drawn from the model's layout prior per image (from (seed, i) alone) that
+    puts the objects where their place in order (dataloader.listed_order of the conditions)
+    says (model.draw_layouts).
 
     CFG doubles each batch (condition + all-zero "no condition"): out = u + w (c - u); w = 1
     skips the unconditional half. guidance_interval=(lo, hi) guides only the steps whose
@@ -197,7 +199,7 @@ def generate(model, labels, *, sampler="dpm++", steps=None, guidance=GUIDANCE, s
     labels = torch.as_tensor(labels, dtype=torch.float32)
     # One CPU generator per image: its noise depends on (seed, i) only, never on the batch.
     gens = [torch.Generator().manual_seed(derive_seed(seed, i)) for i in range(len(labels))]
-    layouts = layouts_for(model, labels, layouts, seed)
+    layouts = layouts_for(model, labels, layouts, seed, order)
     images, xs, x0s = [], [], []
     for s in range(0, len(labels), batch_size):
         img, bx, bx0 = _sample_batch(model, labels[s:s + batch_size].to(device),
@@ -220,9 +222,9 @@ def is_grounded(model):
     return model.config.conditioning == "ground"
 
 
-def layouts_for(model, labels, layouts, seed):
-    """The layouts a batch samples with: the given ones, the prior's (grounded models), or
-    none (K = 0) for label-only models."""
+def layouts_for(model, labels, layouts, seed, order=None):
+    """The layouts a batch samples with: the given ones, the prior's for the labels in order
+    (grounded models), or none (K = 0) for label-only models."""
     if not is_grounded(model):
         if layouts is not None:
             raise DataError(f"object positions need a grounded model (this one is "
@@ -230,7 +232,7 @@ def layouts_for(model, labels, layouts, seed):
         return torch.zeros(len(labels), 0, 5)
     if layouts is not None:
         return torch.as_tensor(layouts, dtype=torch.float32)
-    return prior_layouts(model, labels, seed)
+    return prior_layouts(model, labels, seed, order=order)
 
 
 def placed_layouts(model, labels, positions, n, where="the checkpoint"):
@@ -244,11 +246,12 @@ def placed_layouts(model, labels, positions, n, where="the checkpoint"):
     return model.place([OBJECTS[name] for name in labels], positions).repeat(n, 1, 1)
 
 
-def prior_layouts(model, labels, seed, apart_only=False):
-    """The layouts a grounded model draws from its prior for labels at seed: image i from a
-    generator of (seed, i) of its own, so the noise stays that of (seed, i) as for any model."""
+def prior_layouts(model, labels, seed, apart_only=False, order=None):
+    """The layouts a grounded model draws from its prior for labels (in order) at seed: image
+    i from a generator of (seed, i) of its own, so the noise stays that of (seed, i) as for
+    any model."""
     gens = [torch.Generator().manual_seed(derive_seed(seed, i, 1)) for i in range(len(labels))]
-    return model.draw_layouts(labels, gens, apart_only=apart_only)
+    return model.draw_layouts(labels, gens, apart_only=apart_only, order=order)
 
 
 # ---------------------------------------------------------------- writing
@@ -283,6 +286,7 @@ def save_process(model, out_dir, *, sampler, steps, guidance, seed, scheduler_co
     y = encode(PROCESS_LABELS)[None]
     final, traj = generate(model, y, sampler=sampler, steps=steps, guidance=guidance, seed=seed,
                            scheduler_config=scheduler_config, precision=precision,
+                           order=listed_order([PROCESS_LABELS]),
                            return_trajectory=True, progress=False)
     save_grid(process_strip(final, traj, frames), Path(out_dir) / "denoise_process.png",
               nrow=frames)
@@ -347,14 +351,16 @@ def main(argv=None):
     if custom:
         y = encode(custom)[None].repeat(args.num_images, 1)
         layouts = placed_layouts(model, custom, positions, args.num_images, _rel(ckpt))
-        images = generate(model, y, batch_size=args.batch_size, layouts=layouts, **kw)
+        images = generate(model, y, batch_size=args.batch_size, layouts=layouts,
+                          order=listed_order([custom] * args.num_images), **kw)
         for i, img in enumerate(to_uint8(images)):
             save_png(img, out / f"custom_{i}.png")
         save_grid(images, out / "custom_grid.png")
         print(f"wrote {len(images)} images of {', '.join(custom)} to {_rel(out)}/custom_*.png")
         return
     for path, conds in conditions.items():
-        images = generate(model, encode_batch(conds, _rel(path)), batch_size=args.batch_size, **kw)
+        images = generate(model, encode_batch(conds, _rel(path)), batch_size=args.batch_size,
+                          order=listed_order(conds), **kw)
         for i, img in enumerate(to_uint8(images)):
             save_png(img, out / path.stem / f"{i}.png")
         save_grid(images, out / f"{path.stem}_grid.png")

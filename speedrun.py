@@ -63,7 +63,8 @@ def parse_args(argv=None):
     p.add_argument("--guidance", default="auto",
                    help="a number, or 'auto': the best of --guidance-grid on validation conditions")
     p.add_argument("--guidance-grid", type=float, nargs="+", default=None,
-                   help="default: 1 2 3 4 5 (on a CPU: 1.5 2 3)")
+                   help="default: 1 2 3 4 5 (on a CPU: "
+                        f"{' '.join(f'{g:g}' for g in CPU_SAMPLING['guidance_grid'])})")
     p.add_argument("--val-conditions", type=int, default=None,
                    help="random 1-3-object conditions used to choose the guidance scale "
                         "(default: 256, on a CPU 96)")
@@ -217,7 +218,8 @@ class Sampler:
         images = sample.generate(self.net, labels, sampler=sampler or self.sampler,
                                  steps=steps or self.steps, guidance=guidance, seed=seed,
                                  device=self.device, scheduler_config=self.sched_cfg,
-                                 batch_size=self.batch, progress=False)
+                                 batch_size=self.batch, order=dl.listed_order(conds),
+                                 progress=False)
         synchronize(self.device)
         return dl.to_float(dl.to_uint8(images.float().cpu())), labels, time.time() - t
 

@@ -33,9 +33,9 @@ from flags import config_parser, option
 import render
 from dataloader import (DATA_ROOT, TRAIN_JSON, DataError, ICLEVRDataset, _rel,
                         computes_bf16, encode_batch, first_line, foreground_masks,
-                        is_synthetic_name, layout_path, load_json, load_spec, portable_path,
-                        repo_path, resolve_device, run_cli, speed_up_cuda, to_float, to_uint8,
-                        validation_conditions, write_json)
+                        is_synthetic_name, layout_path, listed_order, load_json, load_spec,
+                        portable_path, repo_path, resolve_device, run_cli, speed_up_cuda,
+                        to_float, to_uint8, validation_conditions, write_json)
 from model import (EMA_DIR, MODEL_DIR, PRESETS, RUNS_DIR, SCHEDULER_DIR, build_model,
                    count_params, derive_seed, list_checkpoints, load_weights,
                    make_noise_scheduler)
@@ -356,7 +356,7 @@ class Run:
     bad: torch.Tensor | None = None       # non-finite losses or grad norms since, summed on
     loss_sum: torch.Tensor | None = None  # the device without a sync (as is the loss)
     judge: object = None       # the eval's judge and conditions, loaded at the first eval
-    eval_conds: torch.Tensor | None = None
+    eval_conds: list | None = None
 
 
 def open_run(cfg):
@@ -634,18 +634,20 @@ def evaluate(run):
     if run.acc.is_main_process:
         if run.eval_conds is None:  # the same conditions at every eval
             run.judge = _load_judge(run.acc.device)
-            run.eval_conds = encode_batch(validation_conditions(cfg.eval_conditions))
+            run.eval_conds = validation_conditions(cfg.eval_conditions)
         if run.judge is not None:
             from evaluator import by_objects, by_objects_text, per_image
             from sample import generate
 
             run.ema.copy_to(run.ema_net.parameters())
-            imgs = generate(run.ema_net, run.eval_conds, sampler="dpm++", steps=cfg.eval_steps,
+            labels = encode_batch(run.eval_conds)
+            imgs = generate(run.ema_net, labels, sampler="dpm++", steps=cfg.eval_steps,
                             guidance=cfg.eval_guidance, seed=0, batch_size=256,
+                            order=listed_order(run.eval_conds),
                             scheduler_config=run.noise_scheduler.config, progress=False)
             scores = run.judge.scores(to_float(to_uint8(imgs)))  # what a PNG would hold
-            score = float(run.judge.compute_acc(scores, run.eval_conds))
-            by_k = by_objects(per_image(scores, run.eval_conds))
+            score = float(run.judge.compute_acc(scores, labels))
+            by_k = by_objects(per_image(scores, labels))
             print(f"eval step {run.step}: validation accuracy {score:.4f} "
                   f"({len(run.eval_conds)} conditions, guidance {cfg.eval_guidance}) | by "
                   f"number of objects {by_objects_text(by_k)}", flush=True)

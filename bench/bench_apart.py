@@ -28,7 +28,8 @@ def main(argv=None):
     net, sched_cfg = sample.load_model(args.checkpoint, device)
     cfg = sample.scored_settings(args.checkpoint)
     judge = evaluation_model(device=device)
-    labels = dl.encode_batch(dl.validation_conditions(args.conditions))
+    conds = dl.validation_conditions(args.conditions)
+    labels, order = dl.encode_batch(conds), dl.listed_order(conds)
     res = {"device": dl.device_tag(device), "command": dl.command_line(),
            "checkpoint": dl.portable_path(args.checkpoint),
            "weights_of": sample.sample_config(args.checkpoint).get("speedrun"),
@@ -37,7 +38,7 @@ def main(argv=None):
     for mode, apart_only in (("apart", True), ("any training layout", False)):
         rows, accs = [], []
         for seed in args.seeds:
-            layouts = sample.prior_layouts(net, labels, seed, apart_only=apart_only)
+            layouts = sample.prior_layouts(net, labels, seed, apart_only=apart_only, order=order)
             images = sample.generate(net, labels, layouts=layouts, seed=seed, **cfg,
                                      scheduler_config=sched_cfg, progress=False)
             scores = judge.scores(dl.to_float(dl.to_uint8(images)))

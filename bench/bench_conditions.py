@@ -84,7 +84,8 @@ def score_set(net, sched_cfg, judge, conds, seeds, cfg, device, edges):
     labels = dl.encode_batch(conds)
     accs, rows, objects = [], [], []
     for seed in seeds:
-        layouts = sample.prior_layouts(net, labels, seed)  # what generate would draw
+        # what generate would draw
+        layouts = sample.prior_layouts(net, labels, seed, order=dl.listed_order(conds))
         images = sample.generate(net, labels, layouts=layouts, seed=seed, device=device,
                                  scheduler_config=sched_cfg, progress=False, **cfg)
         scores = judge.scores(dl.to_float(dl.to_uint8(images)))  # what a PNG would hold

@@ -22,7 +22,8 @@ import torch  # noqa: E402
 
 import sample  # noqa: E402
 from dataloader import (ROOT, DataError, _rel, command_line, device_tag,  # noqa: E402
-                        encode_batch, resolve_device, run_cli, validation_conditions, write_json)
+                        encode_batch, listed_order, resolve_device, run_cli, validation_conditions,
+                        write_json)
 from evaluator import (by_objects, by_objects_text, compute_acc, evaluation_model,  # noqa: E402
                        miss_kinds, per_image)
 from model import resolve_checkpoint  # noqa: E402
@@ -51,7 +52,8 @@ def main():
     ckpt = resolve_checkpoint(args.checkpoint)
     model, sched_cfg = sample.load_model(ckpt, device)
     judge = evaluation_model(device=device)
-    labels = encode_batch(validation_conditions(args.conditions), "validation conditions")
+    conds = validation_conditions(args.conditions)
+    labels = encode_batch(conds, "validation conditions")
     out = ROOT / "results" / f"guidance-{device_tag(device)}.json"
     res = {"bench": "guidance", "checkpoint": _rel(ckpt),
            "weights_of": sample.sample_config(ckpt).get("speedrun"), "device": str(device),
@@ -65,7 +67,8 @@ def main():
         t0 = time.perf_counter()
         images = sample.generate(model, labels, sampler="dpm++", steps=25, guidance=w,
                                  guidance_interval=interval, seed=args.seed,
-                                 scheduler_config=sched_cfg, progress=False)
+                                 order=listed_order(conds), scheduler_config=sched_cfg,
+                                 progress=False)
         seconds = time.perf_counter() - t0
         scores = judge.scores(images)  # once: the lab's accuracy and the misses
         rows = per_image(scores, labels)

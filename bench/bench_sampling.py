@@ -23,17 +23,19 @@ import torch  # noqa: E402
 import evaluate  # noqa: E402
 import sample  # noqa: E402
 from dataloader import (ROOT, DataError, _rel, command_line, device_tag,  # noqa: E402
-                        encode_batch, resolve_device, run_cli, to_float, to_uint8,
-                        validation_conditions, write_json)
+                        encode_batch, listed_order, resolve_device, run_cli, to_float,
+                        to_uint8, validation_conditions, write_json)
 from evaluator import by_objects, compute_acc, evaluation_model, miss_kinds, per_image  # noqa: E402
 from model import resolve_checkpoint  # noqa: E402
 
 VAL_SEED = 10**6
 # name: what differs from the checkpoint's scored settings (sample_config.json): sampler,
 # steps, guidance, guidance interval (lowest, highest guided training timestep), precision,
-# ema=False for the raw (not averaged) weights.
+# ema=False for the raw (not averaged) weights, order "random" for layouts that give the
+# prior's positions to the labels in random order (not in the listed order: listed_order).
 SETTINGS = {
     "shipped": {},
+    "random order": {"order": "random"},
     "w1.0": {"guidance": 1.0},
     "w1.5": {"guidance": 1.5},
     "w2.0": {"guidance": 2.0},
@@ -49,7 +51,8 @@ SETTINGS = {
 
 def run_setting(models, judge, conds, seeds, base, change):
     """Images of every seed for one setting -> (images, labels, results row)."""
-    s = {**base, "ema": True, "interval": None, "precision": "auto", **change}
+    s = {**base, "ema": True, "interval": None, "precision": "auto", "order": "listed",
+         **change}
     model, sched_cfg = models[s["ema"]]
     labels = encode_batch(conds, "validation conditions")
     t0, images = time.perf_counter(), []
@@ -57,6 +60,7 @@ def run_setting(models, judge, conds, seeds, base, change):
         out = sample.generate(model, labels, sampler=s["sampler"], steps=s["steps"],
                               guidance=s["guidance"], guidance_interval=s["interval"],
                               precision=s["precision"],
+                              order=listed_order(conds) if s["order"] == "listed" else None,
                               seed=VAL_SEED + seed, scheduler_config=sched_cfg, progress=False)
         images.append(to_float(to_uint8(out)))  # what a PNG holds
     seconds = time.perf_counter() - t0

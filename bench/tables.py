@@ -107,11 +107,12 @@ def fidelity_table():
         print(f"### Layout fidelity (`bench/bench_layout_fidelity.py`), {weights(r, path)}, "
               f"{r['conditions']} validation conditions ({r['objects']} objects), "
               f"{r['sampler']} {r['steps']}, guidance {r['guidance']}\n")
-        row("images", "objects where they were placed", "judge accuracy", "file")
-        row(*["---"] * 4)
+        row("images", "objects where they were placed", "judge accuracy",
+            "FD against other renders", "file")
+        row(*["---"] * 5)
         for name, v in r["rows"].items():
             row(name, f"{v['layout_fidelity']:.4f}", f"{v['judge_accuracy']:.4f}",
-                f"`results/{path.name}`")
+                f"{v['fd']:.1f}" if "fd" in v else "", f"`results/{path.name}`")
         print()
 
 
@@ -161,18 +162,20 @@ def headline_table():
     m, s = r["accuracy_mean"], r["accuracy_std"]
     secs = r["sampling_seconds_both_files"]
     row("shipped model", "trained on", "training", "test.json", "new_test.json",
-        "sampling both files", "file")
-    row(*["---"] * 7)
+        "FD test / new_test", "sampling both files", "file")
+    row(*["---"] * 8)
     preset = r["train_config"]["preset"]
     kind = " (grounded)" if preset.startswith("ground") else ""
     row(f"`{preset}`{kind}, {r['sampler']} {r['sampler_steps']}, guidance {r['guidance']}",
         "2-core CPU" if r["device"] == "cpu" else r["device"],
         f"{r['train_minutes']:.0f} min", f"{m['test']:.4f} ± {s['test']:.4f}",
-        f"{m['new_test']:.4f} ± {s['new_test']:.4f}",
+        f"{m['new_test']:.4f} ± {s['new_test']:.4f}", fd(r),
         f"{min(secs):.0f}-{max(secs):.0f} s per seed", f"`{shipped['speedrun']}`")
     print()
     print(f"Scored by the shipped judge (trained on {judge_data(r)}; every speedrun with the "
-          f"judge that scored it: [docs/results.md](docs/results.md)).\n")
+          f"judge that scored it: [docs/results.md](docs/results.md)). FD: Frechet distance of "
+          f"the judge's features to renders of the same conditions, all seeds; in brackets, "
+          f"that of as many other renders (a perfect generator's).\n")
 
 
 # Speedrun results files that are not full speedruns: short GPU ablations, the CPU side by side,
@@ -327,6 +330,80 @@ def lever_table():
     print()
 
 
+# The CPU speedruns as levers, in the order they were tried.
+CPU_RUNS = {
+    "speedrun-cpu-40min.json": "the earlier recipe (`ground`: blob maps, batch 32)",
+    "speedrun-cpu-shape-40min-rescored.json": "silhouette maps, object weight 3, lr 2e-3 "
+                                              "(`ground-shape`, batch 32)",
+    "speedrun-cpu-shape-40min-b16.json": "batch 16: twice the steps",
+    "speedrun-cpu-shape-40min-b16-ordered.json": "the same weights; the layout prior keeps "
+                                                 "the conditions' listed order",
+}
+
+
+def fd_cell(fd_value, floor):
+    return f"{fd_value:.1f} ({floor:.1f})"
+
+
+def overview_rows():
+    """(lever, budget, scored on, accuracy, FD (floor), images/s, file) of every lever tried:
+    CPU speedruns, their recipe replayed on a GPU, sampling settings, training throughput,
+    layouts apart."""
+    out = []
+    for name, lever in CPU_RUNS.items():
+        if (path := RESULTS / name).is_file():
+            r = json.loads(path.read_text())
+            m = r["accuracy_mean"]
+            out.append((lever, f"{r['train_minutes']:.0f} CPU min, {r['steps']} steps of "
+                        f"{r['train_config']['batch_size']}", "test / new_test, 5 seeds",
+                        f"{m['test']:.4f} / {m['new_test']:.4f}", fd(r),
+                        f"{r['train_images_per_s']:.0f}", name))
+    replays = sorted(RESULTS.glob("speedrun-*-cpubudget-*.json"))
+    base = next((json.loads(p.read_text()) for p in replays if p.stem.endswith("-base")), None)
+    for path in replays:
+        r, name = json.loads(path.read_text()), path.stem.split("-cpubudget-")[1]
+        cfg, bcfg = r["train_config"], base["train_config"] if base else {}
+        change = ", ".join(f"{label} {cfg.get(k)}" for k, label in KNOBS.items()
+                           if cfg.get(k) != bcfg.get(k)) or "(the earlier recipe)"
+        out.append((f"replay `{name}`: {change}", f"{r['steps'] * cfg['batch_size'] // 32} "
+                    f"steps of 32 on {r['device']}", f"validation, w {r['guidance']:g}",
+                    f"{r['guidance_sweep_validation'][str(r['guidance'])]:.4f}",
+                    fd(r) if "fd" in r else "", "", path.name))
+    for path in sorted(RESULTS.glob("sampling-*.json")):
+        r = json.loads(path.read_text())
+        for name, v in r["settings"].items():
+            out.append((f"sampling: {name}; labels take the prior's positions in "
+                        f"{v.get('order', 'random')} order",
+                        f"no training ({r['checkpoint']}, the weights of `{r['weights_of']}`)", f"{r['conditions']} validation x "
+                        f"{len(r['seeds'])} seeds", f"{v['accuracy']:.4f}",
+                        fd_cell(v["fd"], r["fd_floor"]), "", path.name))
+    for path in sorted(RESULTS.glob("train-variants-ground-shape-cpu-*.json")):
+        r = json.loads(path.read_text())
+        for name, v in r["variants"].items():
+            out.append((f"throughput: {name}", f"{r['timed_steps']} timed steps", "", "", "",
+                        f"{v['images_per_s']:.1f}", path.name))
+    for path in sorted(RESULTS.glob("layout-apart-*.json")):
+        r = json.loads(path.read_text())
+        for mode, v in r["modes"].items():
+            acc = sum(v["accuracy"]) / len(v["accuracy"])
+            out.append((f"layouts: {mode}", f"no training ({weights(r, path)})",
+                        f"{r['conditions']} validation x {len(r['seeds'])} seeds",
+                        f"{acc:.4f}", "", "", path.name))
+    return out
+
+
+def overview_table():
+    """One row per lever tried on the way to 0.99 and a lower FD, the ones that lost too; the
+    tables below hold the details."""
+    print("### Every lever tried, with its budget and result (details in the tables below; "
+          "FD of test / new_test against renders, their floor in brackets)\n")
+    row("lever", "budget", "scored on", "accuracy", "FD (floor)", "train images/s", "file")
+    row(*["---"] * 7)
+    for cells in overview_rows():
+        row(*cells[:-1], f"`results/{cells[-1]}`")
+    print()
+
+
 def condition_sets_table():
     """bench/bench_conditions.py: accuracy per condition set, by number of objects and by image
     row, then the shape confusion pooled over the two benchmark files; one block per file."""
@@ -399,14 +476,15 @@ def sampling_table():
               f"renders of the same conditions, floor {r['fd_floor']:.1f} (as many other "
               f"renders)\n")
         row("setting", "sampler", "steps", "guidance", "guided timesteps", "weights", "precision",
-            "accuracy", "missed: shape / color / neither; too many / too few", "FD",
-            "s per image", "file")
-        row(*["---"] * 12)
+            "labels take the prior's positions", "accuracy",
+            "missed: shape / color / neither; too many / too few", "FD", "s per image", "file")
+        row(*["---"] * 13)
         for name, v in r["settings"].items():
             t = v["interval"]
             row(name, v["sampler"], v["steps"], v["guidance"],
                 "all" if t is None else f"{t[0]}-{t[1]}", "EMA" if v["ema"] else "raw",
-                v["precision"], f"{v['accuracy']:.4f}", miss_text(v["misses"]), f"{v['fd']:.1f}",
+                v["precision"], f"in {v.get('order', 'random')} order", f"{v['accuracy']:.4f}",
+                miss_text(v["misses"]), f"{v['fd']:.1f}",
                 v["seconds_per_image"], f"`results/{path.name}`")
         print()
 
@@ -612,10 +690,9 @@ RESULTS_INTRO = """# Results
 Every table here is written by `python bench/tables.py --write` from the files in `results/`;
 a test checks that this page is what it writes. The files name the command that made them.
 """
-TABLES = (speedrun_table, condition_sets_table, lever_table, apart_table, compare_table,
-          fidelity_table, layout_estimate_table, ablation_table, guidance_table, sampling_table,
-          judge_table,
-          judge_resolution_table, blender_render_table, blender_layout_table,
+TABLES = (speedrun_table, overview_table, condition_sets_table, lever_table, apart_table,
+          compare_table, fidelity_table, layout_estimate_table, ablation_table, guidance_table,
+          sampling_table, judge_table, judge_resolution_table, blender_render_table, blender_layout_table,
           heldout_judges_table, judges_benchmark_table, speed_table, robustness_table)
 
 

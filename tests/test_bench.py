@@ -209,7 +209,7 @@ def test_condition_bench_pairs_missed_objects_with_what_was_drawn():
 def test_sampling_bench_rows_are_the_settings_the_images_were_sampled_with(tmp_path):
     import evaluate
     import sample
-    from dataloader import encode_batch, to_float, to_uint8, validation_conditions
+    from dataloader import encode_batch, listed_order, to_float, to_uint8, validation_conditions
     from evaluator import evaluation_model
 
     out = tmp_path / "sampling.json"
@@ -229,7 +229,7 @@ def test_sampling_bench_rows_are_the_settings_the_images_were_sampled_with(tmp_p
     model, cfg = sample.load_model(sample.WEIGHTS_DIR, torch.device("cpu"))
     conds = validation_conditions(2)
     images = sample.generate(model, encode_batch(conds), seed=10**6, scheduler_config=cfg,
-                             progress=False, **scored)
+                             order=listed_order(conds), progress=False, **scored)
     judge = evaluation_model(device="cpu")
     fd = evaluate.fd_against_renders(judge, to_float(to_uint8(images)), conds)
     assert abs(shipped["fd"] - fd) < 1e-2 and abs(w1["fd"] - fd) > 1e-2
@@ -243,3 +243,32 @@ def test_judges_bench_names_an_unknown_guidance_judge_in_one_line():
     assert p.stderr.strip().splitlines() == [
         "error: --guidance-judge: no judge named 'mixed' in --judges (expected one of shipped, "
         "blender)"]
+
+
+def test_layout_fidelity_bench_moves_labels_to_the_same_positions_in_another_order():
+    from bench_layout_fidelity import labels_moved_along
+
+    nan = float("nan")
+    lay = torch.tensor([[[1, 32, 29, 3, 4], [9, 50, 40, 4, 5], [17, 10, 35, 3, 4]],
+                        [[5, 32, 29, 3, 4], [-1, nan, nan, nan, nan], [-1, nan, nan, nan, nan]]])
+    moved = labels_moved_along(lay)
+    assert moved[0, :, 0].tolist() == [17, 1, 9]  # the first label now stands second
+    assert moved[1, 0, 0] == 5 and torch.equal(moved[..., 1:].nan_to_num(-7),
+                                               lay[..., 1:].nan_to_num(-7))
+    assert lay[0, 0, 0] == 1  # the input is left as it was
+
+
+def test_overview_lists_every_lever_file_once_with_its_numbers(capsys):
+    tables.overview_table()
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    for path in sorted((ROOT / "results").glob("sampling-*.json")):
+        r = json.loads(path.read_text())
+        for name, v in r["settings"].items():
+            want = f"| sampling: {name}; labels take the prior's positions in " \
+                   f"{v.get('order', 'random')} order |"
+            hit = [line for line in rows if line.startswith(want) and path.name in line]
+            assert len(hit) == 1 and f"| {v['fd']:.1f} ({r['fd_floor']:.1f}) |" in hit[0]
+    for name in tables.CPU_RUNS:
+        if (ROOT / "results" / name).is_file():
+            assert sum(line.endswith(f"| `results/{name}` |") for line in rows) == 1

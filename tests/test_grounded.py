@@ -18,8 +18,8 @@ import render  # noqa: E402
 import sample  # noqa: E402
 from conftest import read_png  # noqa: E402
 from dataloader import (OBJECTS, DataError, ICLEVRDataset, encode, encode_batch,  # noqa: E402
-                        layout_path, layout_tensor, load_conditions, load_image, load_json,
-                        parse_labels, parse_placed_labels, repo_path, to_uint8)
+                        layout_path, layout_tensor, listed_order, load_conditions, load_image,
+                        load_json, parse_labels, parse_placed_labels, repo_path, to_uint8)
 from evaluate import color_palette, layout_fidelity  # noqa: E402
 import model as model_lib  # noqa: E402
 from model import (WEIGHTS_DIR, build_model, is_weights_dir, load_weights,  # noqa: E402
@@ -164,6 +164,28 @@ def test_layout_prior_draws_a_training_layout_with_as_many_objects():
     torch.testing.assert_close(placed[0, :, 3], torch.tensor([3.0, 5.0]))
 
 
+def test_layout_prior_keeps_the_listed_order():
+    """With the conditions' listed order (i-CLEVR's order of addition: the first object at the
+    centre), object j of a condition takes object j's place of the training layout drawn, the
+    same draw as without it; an order that lists other classes than the labels is refused."""
+    m = build_model("tiny-ground")
+    nan = float("nan")
+    m.set_layout_prior(torch.tensor([[[0, 32, 29, 3, 4], [-1, nan, nan, nan, nan]],
+                                     [[0, 32, 29, 3, 4], [0, 50, 40, 4, 5]]]))
+    conds = [["red cube", "blue sphere"], ["blue sphere", "red cube"]] * 6
+    labels, order = encode_batch(conds), listed_order(conds)
+    gens = [torch.Generator().manual_seed(s) for s in range(len(conds))]
+    lay = m.draw_layouts(labels, gens, order=order)
+    assert lay[:, :, 0].long().tolist() == order  # the listed order, every time
+    assert lay[:, 0, 1:3].tolist() == [[32, 29]] * len(conds)  # first listed at the centre
+    unordered = m.draw_layouts(labels, [torch.Generator().manual_seed(s)
+                                        for s in range(len(conds))])
+    assert torch.equal(lay[..., 1:], unordered[..., 1:])  # the same positions were drawn
+    assert unordered[:, 0, 0].long().tolist() != [c[0] for c in order]  # random order
+    with pytest.raises(ValueError, match=r"order\[0\] lists classes \[1\]"):
+        m.draw_layouts(labels[:1], gens[:1], order=[[1]])
+
+
 def test_grounded_model_trains_resumes_and_samples(renders, tmp_path):
     root, _ = renders
     data = ["--data-root", root / "img", "--train-json", root / "spec.json", "--runs-dir",
@@ -246,9 +268,10 @@ def test_shipped_weights_make_the_images_their_results_file_scored():
         pytest.skip(f"no seed-0 PNGs under {scored.relative_to(ROOT)} to compare with")
     model, sched = load_model(WEIGHTS_DIR, "cpu")
     assert sample.is_grounded(model)  # layouts come from the prior, per image
-    labels = encode_batch(load_conditions(ROOT / "test.json"))[:2]
-    images = to_uint8(generate(model, labels, sampler=cfg["sampler"], steps=cfg["steps"],
-                               guidance=cfg["guidance"], seed=0, device="cpu",
+    conds = load_conditions(ROOT / "test.json")[:2]
+    images = to_uint8(generate(model, encode_batch(conds), sampler=cfg["sampler"],
+                               steps=cfg["steps"], guidance=cfg["guidance"], seed=0,
+                               order=listed_order(conds), device="cpu",
                                scheduler_config=sched, batch_size=2, progress=False))
     for i, path in enumerate(pngs):
         diff = (read_png(path).int() - images[i].int()).abs()
