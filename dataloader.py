@@ -335,6 +335,12 @@ def to_uint8(images):
     return images.add(1.0).mul(127.5).round().clamp(0, 255).to(torch.uint8)
 
 
+def as_png(images):
+    """float [-1, 1] -> the float [-1, 1] a PNG of them holds (quantised to 256 levels): what
+    the judge scores in evaluate.py, so in-run scores match scores of the written files."""
+    return to_float(to_uint8(images))
+
+
 def _median_1d(x, k, dim):
     """Running median of window k along dim 2 or 3 of (B, C, H, W), edges replicated."""
     pad = (k // 2, k // 2, 0, 0) if dim == 3 else (0, 0, k // 2, k // 2)

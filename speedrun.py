@@ -221,7 +221,7 @@ class Sampler:
                                  batch_size=self.batch, order=dl.listed_order(conds),
                                  progress=False)
         synchronize(self.device)
-        return dl.to_float(dl.to_uint8(images.float().cpu())), labels, time.time() - t
+        return dl.as_png(images.float().cpu()), labels, time.time() - t
 
 
 def guidance_stage(generate, judge, grid, n_val, fd_tie_break=True):

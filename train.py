@@ -31,11 +31,11 @@ from safetensors import SafetensorError, safe_open
 import estimate_layouts
 from flags import config_parser, option
 import render
-from dataloader import (DATA_ROOT, TRAIN_JSON, DataError, ICLEVRDataset, _rel,
+from dataloader import (DATA_ROOT, TRAIN_JSON, DataError, ICLEVRDataset, _rel, as_png,
                         computes_bf16, encode_batch, first_line, foreground_masks,
                         is_synthetic_name, layout_path, listed_order, load_json, load_spec,
                         portable_path, repo_path, resolve_device, run_cli, speed_up_cuda,
-                        to_float, to_uint8, validation_conditions, write_json)
+                        to_float, validation_conditions, write_json)
 from model import (EMA_DIR, MODEL_DIR, PRESETS, RUNS_DIR, SCHEDULER_DIR, build_model,
                    count_params, derive_seed, list_checkpoints, load_weights,
                    make_noise_scheduler)
@@ -645,7 +645,7 @@ def evaluate(run):
                             guidance=cfg.eval_guidance, seed=0, batch_size=256,
                             order=listed_order(run.eval_conds),
                             scheduler_config=run.noise_scheduler.config, progress=False)
-            scores = run.judge.scores(to_float(to_uint8(imgs)))  # what a PNG would hold
+            scores = run.judge.scores(as_png(imgs))
             score = float(run.judge.compute_acc(scores, labels))
             by_k = by_objects(per_image(scores, labels))
             print(f"eval step {run.step}: validation accuracy {score:.4f} "

@@ -41,7 +41,7 @@ def main(argv=None):
             layouts = sample.prior_layouts(net, labels, seed, apart_only=apart_only, order=order)
             images = sample.generate(net, labels, layouts=layouts, seed=seed, **cfg,
                                      scheduler_config=sched_cfg, progress=False)
-            scores = judge.scores(dl.to_float(dl.to_uint8(images)))
+            scores = judge.scores(dl.as_png(images))
             accs.append(round(float(judge.compute_acc(scores, labels)), 4))
             rows += per_image(scores, labels)
         res["modes"][mode] = {"accuracy": accs, "by_objects": by_objects(rows),

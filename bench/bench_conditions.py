@@ -88,7 +88,7 @@ def score_set(net, sched_cfg, judge, conds, seeds, cfg, device, edges):
         layouts = sample.prior_layouts(net, labels, seed, order=dl.listed_order(conds))
         images = sample.generate(net, labels, layouts=layouts, seed=seed, device=device,
                                  scheduler_config=sched_cfg, progress=False, **cfg)
-        scores = judge.scores(dl.to_float(dl.to_uint8(images)))  # what a PNG would hold
+        scores = judge.scores(dl.as_png(images))
         accs.append(float(judge.compute_acc(scores, labels)))
         r = per_image(scores, labels)
         rows += r

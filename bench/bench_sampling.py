@@ -23,8 +23,8 @@ import torch  # noqa: E402
 import evaluate  # noqa: E402
 import sample  # noqa: E402
 from dataloader import (ROOT, DataError, _rel, command_line, device_tag,  # noqa: E402
-                        encode_batch, listed_order, resolve_device, run_cli, to_float,
-                        to_uint8, validation_conditions, write_json)
+                        as_png, encode_batch, listed_order, resolve_device, run_cli,
+                        validation_conditions, write_json)
 from evaluator import by_objects, compute_acc, evaluation_model, miss_kinds, per_image  # noqa: E402
 from model import resolve_checkpoint  # noqa: E402
 
@@ -62,7 +62,7 @@ def run_setting(models, judge, conds, seeds, base, change):
                               precision=s["precision"],
                               order=listed_order(conds) if s["order"] == "listed" else None,
                               seed=VAL_SEED + seed, scheduler_config=sched_cfg, progress=False)
-        images.append(to_float(to_uint8(out)))  # what a PNG holds
+        images.append(as_png(out))
     seconds = time.perf_counter() - t0
     images, labels = torch.cat(images), labels.repeat(len(seeds), 1)
     scores = judge.scores(images)

@@ -94,10 +94,21 @@ EARLIER_WEIGHTS = {"guidance-cpu.json": "results/speedrun-h200.json",
                    "judges-synthetic.json": "results/speedrun-cpu-shape-40min.json"}
 
 
+SHIPPED_CONFIG = ROOT / "weights" / "ddpm" / "sample_config.json"
+
+
 def weights(r, path):
-    """'`weights/ddpm` (the weights of results/X.json)': which weights a results file scored."""
+    """'`weights/ddpm` (the weights of results/X.json)': which weights a results file scored;
+    weights/ddpm of an earlier results file than the shipped one is named by that file."""
     of = r.get("weights_of") or EARLIER_WEIGHTS.get(path.name)
+    if of and r["checkpoint"] == "weights/ddpm" and of != shipped_results():
+        return f"the weights of `{of}` (shipped then as `weights/ddpm`)"
     return f"`{r['checkpoint']}`" + (f" (the weights of `{of}`)" if of else "")
+
+
+def shipped_results():
+    """The results file that scored the shipped weights (their sample_config.json)."""
+    return json.loads(SHIPPED_CONFIG.read_text())["speedrun"]
 
 
 def fidelity_table():
@@ -156,8 +167,7 @@ def robustness_table():
 def headline_table():
     """README's one table: the shipped model's speedrun (weights/ddpm/sample_config.json names
     the results file that scored it)."""
-    shipped = json.loads((ROOT / "weights" / "ddpm" / "sample_config.json").read_text())
-    path = ROOT / shipped["speedrun"]
+    path = ROOT / shipped_results()
     r = json.loads(path.read_text())
     m, s = r["accuracy_mean"], r["accuracy_std"]
     secs = r["sampling_seconds_both_files"]
@@ -170,7 +180,7 @@ def headline_table():
         "2-core CPU" if r["device"] == "cpu" else r["device"],
         f"{r['train_minutes']:.0f} min", f"{m['test']:.4f} ± {s['test']:.4f}",
         f"{m['new_test']:.4f} ± {s['new_test']:.4f}", fd(r),
-        f"{min(secs):.0f}-{max(secs):.0f} s per seed", f"`{shipped['speedrun']}`")
+        f"{min(secs):.0f}-{max(secs):.0f} s per seed", f"`{shipped_results()}`")
     print()
     print(f"Scored by the shipped judge (trained on {judge_data(r)}; every speedrun with the "
           f"judge that scored it: [docs/results.md](docs/results.md)). FD: Frechet distance of "
@@ -358,6 +368,14 @@ def overview_rows():
                         f"{r['train_config']['batch_size']}", "test / new_test, 5 seeds",
                         f"{m['test']:.4f} / {m['new_test']:.4f}", fd(r),
                         f"{r['train_images_per_s']:.0f}", name))
+    for path in sorted(RESULTS.glob("speedrun-cpu-compare-*.json")):
+        r = json.loads(path.read_text())
+        m = r["accuracy_mean"]
+        out.append((f"conditioning: preset `{r['train_config']['preset']}`",
+                    f"{r['train_minutes']:.0f} CPU min, {r['steps']} steps of "
+                    f"{r['train_config']['batch_size']}", "test / new_test, 5 seeds",
+                    f"{m['test']:.4f} / {m['new_test']:.4f}", fd(r),
+                    f"{r['train_images_per_s']:.0f}", path.name))
     replays = sorted(RESULTS.glob("speedrun-*-cpubudget-*.json"))
     base = next((json.loads(p.read_text()) for p in replays if p.stem.endswith("-base")), None)
     for path in replays:
@@ -374,14 +392,14 @@ def overview_rows():
         for name, v in r["settings"].items():
             out.append((f"sampling: {name}; labels take the prior's positions in "
                         f"{v.get('order', 'random')} order",
-                        f"no training ({r['checkpoint']}, the weights of `{r['weights_of']}`)", f"{r['conditions']} validation x "
+                        f"no training ({weights(r, path)})", f"{r['conditions']} validation x "
                         f"{len(r['seeds'])} seeds", f"{v['accuracy']:.4f}",
                         fd_cell(v["fd"], r["fd_floor"]), "", path.name))
-    for path in sorted(RESULTS.glob("train-variants-ground-shape-cpu-*.json")):
+    for path in sorted(RESULTS.glob("train-variants-ground*-cpu*.json")):
         r = json.loads(path.read_text())
         for name, v in r["variants"].items():
-            out.append((f"throughput: {name}", f"{r['timed_steps']} timed steps", "", "", "",
-                        f"{v['images_per_s']:.1f}", path.name))
+            out.append((f"throughput: `{r['preset']}`, {name}", f"{r['timed_steps']} timed steps",
+                        "", "", "", f"{v['images_per_s']:.1f}", path.name))
     for path in sorted(RESULTS.glob("layout-apart-*.json")):
         r = json.loads(path.read_text())
         for mode, v in r["modes"].items():

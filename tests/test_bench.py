@@ -209,7 +209,7 @@ def test_condition_bench_pairs_missed_objects_with_what_was_drawn():
 def test_sampling_bench_rows_are_the_settings_the_images_were_sampled_with(tmp_path):
     import evaluate
     import sample
-    from dataloader import encode_batch, listed_order, to_float, to_uint8, validation_conditions
+    from dataloader import as_png, encode_batch, listed_order, validation_conditions
     from evaluator import evaluation_model
 
     out = tmp_path / "sampling.json"
@@ -231,7 +231,7 @@ def test_sampling_bench_rows_are_the_settings_the_images_were_sampled_with(tmp_p
     images = sample.generate(model, encode_batch(conds), seed=10**6, scheduler_config=cfg,
                              order=listed_order(conds), progress=False, **scored)
     judge = evaluation_model(device="cpu")
-    fd = evaluate.fd_against_renders(judge, to_float(to_uint8(images)), conds)
+    fd = evaluate.fd_against_renders(judge, as_png(images), conds)
     assert abs(shipped["fd"] - fd) < 1e-2 and abs(w1["fd"] - fd) > 1e-2
     assert abs(r["fd_floor"] - evaluate.fd_floor(judge, conds, 1)) < 1e-2
 
