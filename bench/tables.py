@@ -98,11 +98,12 @@ SHIPPED_CONFIG = ROOT / "weights" / "ddpm" / "sample_config.json"
 
 
 def weights(r, path):
-    """'`weights/ddpm` (the weights of results/X.json)': which weights a results file scored;
-    weights/ddpm of an earlier results file than the shipped one is named by that file."""
+    """Which weights a results file scored: '`weights/ddpm` (the weights of results/X.json)',
+    or 'the weights of results/X.json, shipped then as weights/ddpm' where X is not the results
+    file of the weights shipped now."""
     of = r.get("weights_of") or EARLIER_WEIGHTS.get(path.name)
     if of and r["checkpoint"] == "weights/ddpm" and of != shipped_results():
-        return f"the weights of `{of}` (shipped then as `weights/ddpm`)"
+        return f"the weights of `{of}`, shipped then as `weights/ddpm`"
     return f"`{r['checkpoint']}`" + (f" (the weights of `{of}`)" if of else "")
 
 
@@ -392,7 +393,7 @@ def overview_rows():
         for name, v in r["settings"].items():
             out.append((f"sampling: {name}; labels take the prior's positions in "
                         f"{v.get('order', 'random')} order",
-                        f"no training ({weights(r, path)})", f"{r['conditions']} validation x "
+                        f"no training: {weights(r, path)}", f"{r['conditions']} validation x "
                         f"{len(r['seeds'])} seeds", f"{v['accuracy']:.4f}",
                         fd_cell(v["fd"], r["fd_floor"]), "", path.name))
     for path in sorted(RESULTS.glob("train-variants-ground*-cpu*.json")):
@@ -404,7 +405,7 @@ def overview_rows():
         r = json.loads(path.read_text())
         for mode, v in r["modes"].items():
             acc = sum(v["accuracy"]) / len(v["accuracy"])
-            out.append((f"layouts: {mode}", f"no training ({weights(r, path)})",
+            out.append((f"layouts: {mode}", f"no training: {weights(r, path)}",
                         f"{r['conditions']} validation x {len(r['seeds'])} seeds",
                         f"{acc:.4f}", "", "", path.name))
     return out
