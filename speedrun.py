@@ -347,7 +347,8 @@ def main(argv=None):
     path = Path(args.results_dir) / f"{name}.json"
     phases = Phases()
     result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else dev,
-              "command": dl.command_line(), "versions": versions(), "budget_minutes": minutes,
+              "host": dl.host(device), "command": dl.command_line(), "versions": versions(),
+              "budget_minutes": minutes,
               "phase_seconds": phases}
     judge = load_judge(args.judge, device)
     if judge is not None:  # which judge scored: weights/judge has been retrained since

@@ -29,7 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from dataloader import (TEST_JSONS, DataError, _rel, command_line, load_conditions,  # noqa: E402
+from dataloader import (TEST_JSONS, DataError, _rel, command_line, host, load_conditions,  # noqa: E402
                         load_json, repo_path, run_cli, write_json)
 from model import (PRESETS, WEIGHTS_DIR, build_model, count_params,  # noqa: E402
                    flops_per_image, make_noise_scheduler, save_fp16)
@@ -67,7 +67,8 @@ def main():
                     help="time sample.py with untrained weights of this preset (no accuracy check)")
     args = ap.parse_args()
     ref = None if args.preset else load_json(args.speedrun or shipped_speedrun())["seed0_from_png"]
-    res = {"bench": "cpu sample", "device": args.device, "cpu_count": os.cpu_count(),
+    res = {"bench": "cpu sample", "device": args.device, "host": host(args.device),
+           "cpu_count": os.cpu_count(),
            "loadavg_1m_at_start": os.getloadavg()[0], "python": platform.python_version(),
            "command": command_line()}
     with tempfile.TemporaryDirectory() as tmp:

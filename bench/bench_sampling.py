@@ -22,7 +22,7 @@ import torch  # noqa: E402
 
 import evaluate  # noqa: E402
 import sample  # noqa: E402
-from dataloader import (ROOT, DataError, _rel, command_line, device_tag,  # noqa: E402
+from dataloader import (ROOT, DataError, _rel, command_line, device_tag, host,  # noqa: E402
                         as_png, encode_batch, listed_order, resolve_device, run_cli,
                         validation_conditions, write_json)
 from evaluator import by_objects, compute_acc, evaluation_model, miss_kinds, per_image  # noqa: E402
@@ -106,6 +106,7 @@ def main():
     out = args.out or ROOT / "results" / f"sampling-{device_tag(device)}.json"
     res = {"bench": "sampling", "checkpoint": _rel(ckpt),
            "weights_of": sample.sample_config(ckpt).get("speedrun"), "device": str(device),
+           "host": host(device),
            "versions": {"python": platform.python_version(), "torch": torch.__version__},
            "command": command_line(), "scored_settings": base,
            "raw_checkpoint": _rel(args.raw_checkpoint) if args.raw_checkpoint else None, "conditions": args.conditions,

@@ -24,7 +24,7 @@ import torch  # noqa: E402
 from accelerate import Accelerator  # noqa: E402
 from accelerate.state import AcceleratorState  # noqa: E402
 
-from dataloader import (ROOT, DataError, command_line, device_tag, resolve_device,  # noqa: E402
+from dataloader import (ROOT, DataError, command_line, device_tag, host, resolve_device,  # noqa: E402
                         run_cli, speed_up_cuda, write_json)
 from model import build_model, flops_per_image, make_noise_scheduler  # noqa: E402
 from trainstep import TrainStep  # noqa: E402
@@ -177,6 +177,7 @@ def main():
     out = ROOT / "results" / f"train-variants-{args.preset}-{device_tag(device)}{args.tag}.json"
     res = {"bench": "train variants", "preset": args.preset,
            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+           "host": host(device),
            "versions": {"python": platform.python_version(), "torch": torch.__version__},
            "command": command_line(),
            "timed_steps": args.steps, "warmup_steps": args.warmup,

@@ -205,6 +205,15 @@ def judge_data(r):
             "Blender renders" if blender else "our renders")
 
 
+def device_cell(r, device=None):
+    """A results file's device, with the CPU's model, threads and bf16 instructions where the
+    file recorded them (dataloader.host)."""
+    device, h = device or r["device"], r.get("host", {})
+    if "cpu" not in h:
+        return device
+    return f"{device} ({h['cpu']}, {h['threads']} threads, bf16: {h['bf16'].replace('_', '-')})"
+
+
 def speedrun_table():
     print("### Speedrun (`speedrun.py`), accuracy by the judge shipped when it ran, 5 seeds, one "
           "checkpoint\n")
@@ -219,7 +228,7 @@ def speedrun_table():
         if "accuracy_mean" not in r or any(k in path.name for k in SIDE_RUNS):
             continue
         m, s = r["accuracy_mean"], r["accuracy_std"]
-        row(r["device"], f"{r['train_minutes']} min, {r['steps']} steps",
+        row(device_cell(r), f"{r['train_minutes']} min, {r['steps']} steps",
             f"{r['train_images_per_s']:.0f}", judge_data(r), f"{r['sampler']} {r['sampler_steps']}",
             r["guidance"], f"{m['test']:.4f} ± {s['test']:.4f}",
             f"{m['new_test']:.4f} ± {s['new_test']:.4f}",
@@ -571,7 +580,7 @@ def speed_table():
             if "images_in_10_min" in v:  # compile and capture time come out of the budget
                 number += (f" after {v['warmup_seconds']:.0f} s of warm-up: "
                            f"{v['images_in_10_min'] / 1e6:.2f}M images in 10 min")
-            row(f"train {r['preset']} preset, {name}", r["device"], number,
+            row(f"train {r['preset']} preset, {name}", device_cell(r), number,
                 f"`results/{path.name}`")
         if "max_rel_diff" in r.get("graph_check", {}):
             row("CUDA-graph step vs eager step, same 8 batches", r["device"],
@@ -580,7 +589,8 @@ def speed_table():
         r = json.loads(path.read_text())
         weights = (f"untrained {r['preset']} weights, {r['params'] / 1e6:.2f}M params, "
                    f"{r['gflop_per_image']} GFLOP/img" if "preset" in r else "shipped weights")
-        row(f"`python sample.py` ({weights}, both files)", f"{r['cpu_count']}-core CPU",
+        row(f"`python sample.py` ({weights}, both files)",
+            device_cell(r, f"{r['cpu_count']}-core CPU"),
             f"{r['sample_seconds']:.0f} s", f"`results/{path.name}`")
     print()
 

@@ -272,3 +272,19 @@ def test_overview_lists_every_lever_file_once_with_its_numbers(capsys):
     for name in tables.CPU_RUNS:
         if (ROOT / "results" / name).is_file():
             assert sum(line.endswith(f"| `results/{name}` |") for line in rows) == 1
+
+
+def test_results_name_the_cpu_they_ran_on():
+    import dataloader as dl
+
+    h = dl.host("cpu")
+    assert h["threads"] == torch.get_num_threads()
+    assert h["bf16"] in ("amx_bf16", "avx512_bf16", "none")
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        assert f": {h['cpu']}\n" in cpuinfo.read_text()
+    r = {"device": "cpu", "host": {"cpu": "Intel(R) Xeon(R) Processor", "threads": 2,
+                                   "bf16": "amx_bf16"}}
+    assert tables.device_cell(r) == "cpu (Intel(R) Xeon(R) Processor, 2 threads, bf16: amx-bf16)"
+    assert tables.device_cell(r, "2-core CPU").startswith("2-core CPU (Intel(R) Xeon(R)")
+    assert tables.device_cell({"device": "cpu"}) == "cpu"  # files from before hosts were recorded

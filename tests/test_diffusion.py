@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from conftest import assert_shards_hold, grid_tiles, read_png  # noqa: E402
-from dataloader import (DataError, encode, encode_batch, load_conditions,  # noqa: E402
+from dataloader import (DataError, encode, encode_batch, host, load_conditions,  # noqa: E402
                         run_cli, to_uint8, validation_conditions)
 from model import (ConditionalUNet, build_model, count_params, export_fp16,  # noqa: E402
                    flops_per_image, load_weights, make_noise_scheduler)
@@ -408,6 +408,7 @@ def test_speedrun_end_to_end(data, tmp_path):
                 "guidance", "fd", "command", "versions", "peak_gpu_memory_gb", "steps"):
         assert key in r, key
     assert (r["sampler"], r["sampler_steps"], r["device"]) == ("dpm++", 2, "cpu")
+    assert r["host"] == host("cpu")  # which CPU: their throughputs differ by a lot
     # which judge scored, and on what it was trained (weights/judge's own judge.json)
     meta = json.loads((ROOT / "weights" / "judge" / "judge.json").read_text())["config"]
     assert r["judge"] == {"checkpoint": "weights/judge",
