@@ -167,7 +167,10 @@ def train_stage(cfg, device):
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.time()
-    run_dir = Path(train.train(cfg))
+    try:
+        run_dir = Path(train.train(cfg))
+    except train.NonFiniteLoss as e:  # one line, as train.py says it, and nothing scored
+        raise dl.DataError(str(e)) from None
     return run_dir, training_results(run_dir, cfg, time.time() - t0, device)
 
 

@@ -355,6 +355,8 @@ class Run:
     checked: int = 0           # the last step whose losses are known to be finite
     bad: torch.Tensor | None = None       # non-finite losses or grad norms since, summed on
     loss_sum: torch.Tensor | None = None  # the device without a sync (as is the loss)
+    loss_floor: float = math.inf  # the lowest status-line mean loss of this process
+    loss_high: int = 0         # status lines in a row far above it (check_diverging)
     judge: object = None       # the eval's judge and conditions, loaded at the first eval
     eval_conds: list | None = None
 
@@ -533,6 +535,7 @@ def status(run, last_step, t_last):
     cfg, acc = run.cfg, run.acc
     mean_loss = acc.reduce(run.loss_sum / (run.step - last_step), "mean").item()
     check_finite(run)
+    check_diverging(run, mean_loss, last_step)
     now = time.time()
     ips = (run.step - last_step) * cfg.batch_size * acc.num_processes / (now - t_last)
     rec = {"step": run.step, "loss": mean_loss, "lr": float(run.optimizer.param_groups[0]["lr"]),
@@ -567,6 +570,33 @@ def check_finite(run):
     run.checked = run.step
 
 
+# A network can blow up without a non-finite number: its activations grow by orders of
+# magnitude, the group norms hide that from the loss but scale every gradient down with it,
+# and the loss stays at a level it left long before. Three status lines in a row at 5x the
+# lowest mean are that, not the noise of a mean over DIVERGED_MIN_STEPS batches or more.
+DIVERGED_FACTOR = 5.0
+DIVERGED_LINES = 3
+DIVERGED_MIN_STEPS = 20
+
+
+def check_diverging(run, mean_loss, last_step):
+    """Raise NonFiniteLoss when the mean loss of DIVERGED_LINES status lines in a row is over
+    DIVERGED_FACTOR times the lowest one before (status lines of DIVERGED_MIN_STEPS steps or
+    more; a resumed run starts its own record)."""
+    if run.step - last_step < DIVERGED_MIN_STEPS:
+        return
+    if mean_loss <= DIVERGED_FACTOR * run.loss_floor:
+        run.loss_floor, run.loss_high = min(run.loss_floor, mean_loss), 0
+        return
+    run.loss_high += 1
+    if run.loss_high >= DIVERGED_LINES:
+        good = _rel(run.good_ckpt) if run.good_ckpt else "none"
+        raise NonFiniteLoss(
+            f"the loss diverged: {mean_loss:.4f} at step {run.step}, {DIVERGED_LINES} status "
+            f"lines in a row over {DIVERGED_FACTOR:g}x its lowest mean {run.loss_floor:.4f} "
+            f"(try a lower --lr or another --seed); last good checkpoint: {good}")
+
+
 def save_checkpoint(run):
     """runs/NAME/checkpoint-STEP/, written under a temporary name and renamed (an interrupted
     save leaves the previous checkpoints as they were); then the oldest beyond --keep-last go."""
@@ -598,7 +628,8 @@ def save_checkpoint(run):
         prune_checkpoints(run.run_dir, run.step, run.cfg.keep_last)
         plot_loss(run.run_dir)
         print(f"saved {_rel(final)}", flush=True)
-    run.good_ckpt = final
+    if not run.loss_high:  # a checkpoint written while the loss is high may hold a blown-up net
+        run.good_ckpt = final
     acc.wait_for_everyone()
 
 
@@ -758,8 +789,10 @@ def _load_optimizer(optimizer, state):
 
 
 def _budget_lr_factor(cfg, step, elapsed):
-    """Linear warmup, then cosine to zero over whichever runs out first: steps or minutes."""
-    frac = min(1.0, max(step / cfg.max_steps, elapsed / (cfg.max_minutes * 60)))
+    """Linear warmup, then cosine to zero over whichever runs out first: the schedule's steps
+    (--lr-decay-steps, else --max-steps) or minutes."""
+    frac = min(1.0, max(step / (cfg.lr_decay_steps or cfg.max_steps),
+                        elapsed / (cfg.max_minutes * 60)))
     return min(1.0, step / max(1, cfg.warmup_steps)) * 0.5 * (1 + math.cos(math.pi * frac))
 
 

@@ -109,21 +109,27 @@ def check_graph(preset, device, batch=64, steps=8):
     return curves
 
 
+def random_batch(batch, device, fmt=torch.contiguous_format):
+    """Random images, labels and layouts of three objects anywhere (the grounded presets draw
+    their maps; the others read nothing)."""
+    x0 = torch.randn(batch, 3, 64, 64, device=device).contiguous(memory_format=fmt)
+    y = (torch.rand(batch, 24, device=device) < 0.1).float()
+    layout = torch.cat([torch.randint(0, 24, (batch, 3, 1), device=device).float(),
+                        torch.rand(batch, 3, 2, device=device) * 64,
+                        torch.full((batch, 3, 2), 4.0, device=device)], -1)
+    return x0, y, layout
+
+
 def bench(net, device, batch, channels_last, compile_, graph, warmup, steps, precision="auto"):
     """Images/s of train.py's TrainStep for net on random data, and the warm-up seconds."""
     step = make_step(net, device, channels_last, compile_, graph, precision)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    x0 = torch.randn(batch, 3, 64, 64, device=device).contiguous(memory_format=fmt)
-    y = (torch.rand(batch, 24, device=device) < 0.1).float()
-    # three objects anywhere (the grounded presets draw their maps; the others read nothing)
-    no_layout = torch.cat([torch.randint(0, 24, (batch, 3, 1), device=device).float(),
-                           torch.rand(batch, 3, 2, device=device) * 64,
-                           torch.full((batch, 3, 2), 4.0, device=device)], -1)
+    x0, y, layout = random_batch(batch, device, fmt)
 
     def run(n):
         t0 = time.perf_counter()
         for _ in range(n):
-            step(x0, y, no_layout, torch.randn_like(x0),
+            step(x0, y, layout, torch.randn_like(x0),
                  torch.randint(0, 1000, (batch,), device=device))
         if device.type == "cuda":
             torch.cuda.synchronize()

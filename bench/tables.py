@@ -358,6 +358,9 @@ CPU_RUNS = {
     "speedrun-cpu-shape-40min-b16.json": "batch 16: twice the steps",
     "speedrun-cpu-shape-40min-b16-ordered.json": "the same weights; the layout prior keeps "
                                                  "the conditions' listed order",
+    "speedrun-cpu-shape-b16-seed1-4357steps.json": "the same recipe started again: training "
+                                                   "seed 1, the shipped run's 4,357 steps "
+                                                   "(a CPU with AMX: fewer minutes)",
 }
 
 
@@ -595,6 +598,24 @@ def speed_table():
     print()
 
 
+def profile_table():
+    """bench/bench_profile_step.py: where a training step's time goes, per kind of operator."""
+    for path in sorted(RESULTS.glob("profile-step-*.json")):
+        r = json.loads(path.read_text())
+        total = sum(r["kinds_ms"].values())
+        print(f"### Where a training step's time goes (`bench/bench_profile_step.py`), "
+              f"`{r['preset']}`, batch {r['batch_size']}, {r['precision']}, "
+              f"{device_cell(r)}, `results/{path.name}`\n")
+        print(f"{r['step_ms_unprofiled']:.0f} ms per step unprofiled "
+              f"({r['images_per_s_unprofiled']:.1f} images/s), {total:.0f} ms profiled; "
+              f"each operator's own time, without its children.\n")
+        row("kind of operator", "ms per step", "share")
+        row(*["---"] * 3)
+        for kind, ms in sorted(r["kinds_ms"].items(), key=lambda kv: -kv[1]):
+            row(kind, f"{ms:.1f}", f"{ms / total:.1%}")
+        print()
+
+
 def plot_curves(out):
     """Validation accuracy against training minutes, one line per short speedrun (their
     --eval-every learning curves) -> out (PNG). Returns out, or None without curves."""
@@ -722,7 +743,8 @@ a test checks that this page is what it writes. The files name the command that 
 TABLES = (speedrun_table, overview_table, condition_sets_table, lever_table, apart_table,
           compare_table, fidelity_table, layout_estimate_table, ablation_table, guidance_table,
           sampling_table, judge_table, judge_resolution_table, blender_render_table, blender_layout_table,
-          heldout_judges_table, judges_benchmark_table, speed_table, robustness_table)
+          heldout_judges_table, judges_benchmark_table, speed_table, profile_table,
+          robustness_table)
 
 
 def captured(*functions):

@@ -288,3 +288,38 @@ def test_results_name_the_cpu_they_ran_on():
     assert tables.device_cell(r) == "cpu (Intel(R) Xeon(R) Processor, 2 threads, bf16: amx-bf16)"
     assert tables.device_cell(r, "2-core CPU").startswith("2-core CPU (Intel(R) Xeon(R)")
     assert tables.device_cell({"device": "cpu"}) == "cpu"  # files from before hosts were recorded
+
+
+def test_profile_bench_puts_each_operator_in_one_kind(tmp_path):
+    from bench_profile_step import OTHER, kind_of
+
+    assert kind_of("aten::convolution_backward") == "convolution backward"
+    assert kind_of("aten::mkldnn_convolution") == "convolution forward"
+    assert kind_of("aten::_scaled_dot_product_flash_attention_for_cpu") == "attention"
+    assert kind_of("aten::addmm") == kind_of("aten::mm") != kind_of("aten::mul")
+    assert kind_of("aten::lerp_") == OTHER
+    out = tmp_path / "profile.json"
+    subprocess.run([sys.executable, "bench/bench_profile_step.py", "--preset", "tiny-ground",
+                    "--batch", "2", "--steps", "1", "--out", out], cwd=ROOT, check=True,
+                   capture_output=True, timeout=300)
+    r = json.loads(out.read_text())
+    kinds = r["kinds_ms"]
+    assert abs(sum(kinds.values()) - r["step_ms_profiled"]) < 0.1 * len(kinds)
+    assert kinds["convolution forward"] > 0 and kinds["convolution backward"] > 0
+    assert r["host"]["threads"] >= 1 and r["batch_size"] == 2
+
+
+def test_activation_bench_sees_a_blown_up_stream():
+    from bench_activations import stream_sizes
+    from model import build_model
+
+    torch.manual_seed(0)
+    net = build_model("tiny-ground").eval()
+    sizes = stream_sizes(net, torch.device("cpu"))
+    assert list(sizes) == ["conv_in", "down_blocks.0", "down_blocks.1", "mid_block",
+                           "up_blocks.0", "up_blocks.1", "conv_out"]
+    with torch.no_grad():  # a stage whose output grows 1000x: the stream after it grows too
+        net.unet.down_blocks[0].resnets[0].conv2.weight.mul_(1000)
+    blown = stream_sizes(net, torch.device("cpu"))
+    assert blown["conv_in"] == sizes["conv_in"]
+    assert blown["down_blocks.0"] > 50 * sizes["down_blocks.0"]

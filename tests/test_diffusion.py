@@ -4,6 +4,7 @@ The scripts run as subprocesses (the real CLI paths); the library functions are 
 where that is cheaper.
 """
 import json
+import math
 import os
 import re
 import signal
@@ -630,3 +631,40 @@ def test_logit_normal_timesteps_favour_the_middle():
     assert 0.7 < middle < 0.8  # sigmoid(N(0, 1)) in (0.25, 0.75): 0.73; uniform: 0.5
     u = train.draw_timesteps(train.TrainConfig(), 4000, gen)
     assert 0.45 < ((u >= 250) & (u < 750)).float().mean() < 0.55
+
+
+def test_a_loss_that_stays_far_above_its_lowest_stops_the_run():
+    """A blown-up network keeps a finite loss many times its lowest: three status lines in a
+    row over 5x stop the run with one line; a single high line and short lines do not."""
+    from types import SimpleNamespace
+
+    run = SimpleNamespace(step=0, loss_floor=math.inf, loss_high=0, good_ckpt=None)
+
+    def line(loss, steps=50):
+        last, run.step = run.step, run.step + steps
+        train.check_diverging(run, loss, last)
+
+    for loss in (0.14, 0.03, 0.012, 0.05, 0.2, 0.011):  # one high line, then back: training
+        line(loss)
+    assert (run.loss_floor, run.loss_high) == (0.011, 0)
+    line(1.0, steps=5)  # a mean of 5 batches is not compared
+    line(0.2)
+    line(0.21)
+    assert run.loss_high == 2
+    with pytest.raises(train.NonFiniteLoss, match=r"^the loss diverged: 0\.2000 at step 455, "
+                       r"3 status lines in a row over 5x its lowest mean 0\.0110 \(try a lower "
+                       r"--lr or another --seed\); last good checkpoint: none$"):
+        line(0.2)
+
+
+def test_budget_schedule_runs_over_lr_decay_steps():
+    """--lr-by-time anneals over --lr-decay-steps where given (a short run on a long run's
+    schedule), else over --max-steps, or over the minutes if they run out first."""
+    cfg = train.parse_args(["--max-steps", "400", "--lr-decay-steps", "4357",
+                            "--warmup-steps", "200", "--max-minutes", "60"])
+    f = train._budget_lr_factor
+    assert f(cfg, 100, 0.0) == pytest.approx(0.5 * 0.5 * (1 + math.cos(math.pi * 100 / 4357)))
+    assert f(cfg, 200, 0.0) == pytest.approx(0.5 * (1 + math.cos(math.pi * 200 / 4357)))
+    assert f(cfg, 200, 30 * 60.0) == pytest.approx(0.5)  # half the minutes: half the cosine
+    cfg.lr_decay_steps = 0
+    assert f(cfg, 200, 0.0) == pytest.approx(0.5)  # half of --max-steps
