@@ -358,9 +358,9 @@ CPU_RUNS = {
     "speedrun-cpu-shape-40min-b16.json": "batch 16: twice the steps",
     "speedrun-cpu-shape-40min-b16-ordered.json": "the same weights; the layout prior keeps "
                                                  "the conditions' listed order",
-    "speedrun-cpu-shape-b16-seed1-4357steps.json": "the same recipe started again: training "
-                                                   "seed 1, the shipped run's 4,357 steps "
-                                                   "(a CPU with AMX: fewer minutes)",
+    "speedrun-cpu-shape-b16-seed1-warmup500.json": "the start that blew up (training seed 1) "
+                                                   "with a 500-step warm-up, the shipped run's "
+                                                   "4,357 steps (on a CPU with AMX)",
 }
 
 
@@ -411,8 +411,10 @@ def overview_rows():
     for path in sorted(RESULTS.glob("train-variants-ground*-cpu*.json")):
         r = json.loads(path.read_text())
         for name, v in r["variants"].items():
-            out.append((f"throughput: `{r['preset']}`, {name}", f"{r['timed_steps']} timed steps",
-                        "", "", "", f"{v['images_per_s']:.1f}", path.name))
+            on = f", {device_cell(r)}" if "host" in r else ""
+            out.append((f"throughput: `{r['preset']}`, {name}{on}",
+                        f"{r['timed_steps']} timed steps", "", "", "",
+                        f"{v['images_per_s']:.1f}", path.name))
     for path in sorted(RESULTS.glob("layout-apart-*.json")):
         r = json.loads(path.read_text())
         for mode, v in r["modes"].items():
