@@ -29,8 +29,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from dataloader import (TEST_JSONS, DataError, _rel, command_line, host, load_conditions,  # noqa: E402
-                        load_json, repo_path, run_cli, write_json)
+from dataloader import (TEST_JSONS, DataError, _rel, command_line, host,  # noqa: E402
+                        load_conditions, load_json, repo_path, run_cli, write_json)
 from model import (PRESETS, WEIGHTS_DIR, build_model, count_params,  # noqa: E402
                    flops_per_image, make_noise_scheduler, save_fp16)
 from sample import SAMPLE_CONFIG  # noqa: E402
