@@ -494,25 +494,21 @@ def device_tag(device):
 
 
 def host(device):
-    """What a measurement ran on: the GPU's name, or the CPU's model, the threads torch uses and
-    the bf16 instructions the CPU offers. Throughputs of CPUs with AMX tiles and of CPUs with
-    AVX-512 BF16 only differ too much to be read as one machine's."""
+    """What a measurement ran on: the GPU's name, or the CPU's architecture, the instruction set
+    torch's kernels use, the threads and the bf16 instructions the CPU offers (as torch detects
+    them). Throughputs of CPUs with AMX tiles and of CPUs with AVX-512 BF16 only differ too much
+    to be read as one machine's."""
     device = torch.device(device)
     if device.type == "cuda":
         return {"gpu": torch.cuda.get_device_name(device)}
     import platform
 
-    out = {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads()}
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:  # not Linux: the platform's name is all there is
-        return out
-    model = re.search(r"^model name\s*:\s*(.+)$", info, re.M)
-    flags = re.search(r"^flags\s*:\s*(.+)$", info, re.M)
-    flags = set(flags[1].split()) if flags else set()
-    out["cpu"] = model[1].strip() if model else out["cpu"]
-    out["bf16"] = next((f for f in ("amx_bf16", "avx512_bf16") if f in flags), "none")
-    return out
+    # every CPU with AMX tiles also has their bf16 instructions
+    bf16 = ("amx_bf16" if torch.cpu._is_amx_tile_supported() else
+            "avx512_bf16" if torch.cpu._is_avx512_bf16_supported() else "none")
+    return {"cpu": platform.processor() or platform.machine(),
+            "capability": torch.backends.cpu.get_cpu_capability(),
+            "threads": torch.get_num_threads(), "bf16": bf16}
 
 
 def first_line(e):

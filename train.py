@@ -559,14 +559,18 @@ def slow_device_note(run, per_step):
                       f"{nxt}, in about {_hms(per_step * (nxt - run.step))}{hint}", flush=True)
 
 
+def last_good(run):
+    """The newest checkpoint known to be good, as error lines name it."""
+    return _rel(run.good_ckpt) if run.good_ckpt else "none"
+
+
 def check_finite(run):
     """Raise NonFiniteLoss if a loss or gradient since the last check was not finite."""
     if run.bad.item() > 0:
         first = run.checked + 1
         where = f"step {run.step}" if first == run.step else f"steps {first}-{run.step}"
-        good = _rel(run.good_ckpt) if run.good_ckpt else "none"
         raise NonFiniteLoss(f"non-finite loss or gradient at {where} (try a lower --lr); last "
-                            f"good checkpoint: {good}")
+                            f"good checkpoint: {last_good(run)}")
     run.checked = run.step
 
 
@@ -590,11 +594,10 @@ def check_diverging(run, mean_loss, last_step):
         return
     run.loss_high += 1
     if run.loss_high >= DIVERGED_LINES:
-        good = _rel(run.good_ckpt) if run.good_ckpt else "none"
         raise NonFiniteLoss(
             f"the loss diverged: {mean_loss:.4f} at step {run.step}, {DIVERGED_LINES} status "
             f"lines in a row over {DIVERGED_FACTOR:g}x its lowest mean {run.loss_floor:.4f} "
-            f"(try a lower --lr or another --seed); last good checkpoint: {good}")
+            f"(try a lower --lr or another --seed); last good checkpoint: {last_good(run)}")
 
 
 def save_checkpoint(run):
@@ -613,10 +616,9 @@ def save_checkpoint(run):
     except (OSError, RuntimeError, SafetensorError) as e:  # a full disk (torch.save raises
         # RuntimeError, safetensors its own error): no half-written folder stays, older ones do
         shutil.rmtree(tmp, ignore_errors=True)
-        good = _rel(run.good_ckpt) if run.good_ckpt else "none"
         raise DataError(f"{_rel(final)}: cannot write the checkpoint "
                         f"({getattr(e, 'strerror', None) or first_line(e)}); last good "
-                        f"checkpoint: {good}") from None
+                        f"checkpoint: {last_good(run)}") from None
     except BaseException:  # a second Ctrl-C: the same
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -7,6 +7,7 @@ and docs/results.md comes from a results file and none is typed by hand.
 """
 import argparse
 import contextlib
+import functools
 import io
 import json
 from pathlib import Path
@@ -107,6 +108,7 @@ def weights(r, path):
     return f"`{r['checkpoint']}`" + (f" (the weights of `{of}`)" if of else "")
 
 
+@functools.cache  # read once per run: every table's rows ask
 def shipped_results():
     """The results file that scored the shipped weights (their sample_config.json)."""
     return json.loads(SHIPPED_CONFIG.read_text())["speedrun"]
